@@ -1,0 +1,1 @@
+"""The reference MoE worker runtime."""

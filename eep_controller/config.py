@@ -1,0 +1,175 @@
+"""Controller configuration: small models grouped by concern, read from ``EEP_*`` env and YAML.
+
+Environment names are ``EEP_<GROUP>_<FIELD>``, e.g. ``EEP_AUTH_TOKENS="t1:admin,t2:read"``,
+``EEP_ETCD_ENDPOINTS="http://10.0.0.1:2379,http://10.0.0.2:2379"``, ``EEP_SERVER_PORT=8080``.
+A YAML file (``--config`` or ``EEP_CONFIG``) holds the same groups as nested mappings;
+environment variables win over the file.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from platformdirs import user_state_dir
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_PREFIX = "/eep/v1"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EtcdSettings(_Group):
+    """Where the truth lives. No endpoints = start the embedded etcd."""
+
+    endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    prefix: str = DEFAULT_PREFIX
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    timeout_s: float = Field(default=5.0, gt=0)
+    data_dir: Path | None = Field(default=None, description="embedded etcd data directory")
+
+    _split = field_validator("endpoints", mode="before")(_split_csv)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, v: str) -> str:
+        if not v.startswith("/") or v.endswith("/") or len(v) < 2:
+            raise ValueError("prefix must start with '/' and not end with '/', e.g. /eep/v1")
+        return v
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir or Path(user_state_dir("eep")) / "etcd"
+
+
+class Role(str, Enum):
+    ADMIN = "admin"
+    READ = "read"
+
+
+class AuthSettings(_Group):
+    """Bearer tokens: ``token:role`` pairs, roles ``admin`` (may mutate) and ``read``."""
+
+    tokens: SecretStr = SecretStr("")
+    open_reads: bool = True
+
+    def token_roles(self) -> dict[str, Role]:
+        roles: dict[str, Role] = {}
+        for item in self.tokens.get_secret_value().split(","):
+            item = item.strip()
+            if not item:
+                continue
+            token, sep, role = item.rpartition(":")
+            if not sep or not token:
+                raise ValueError("auth tokens must look like 'token:admin,token2:read'")
+            try:
+                roles[token] = Role(role)
+            except ValueError:
+                raise ValueError(f"unknown role {role!r}: use admin or read") from None
+        return roles
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_parse(cls, v: SecretStr) -> SecretStr:
+        cls.model_construct(tokens=v).token_roles()
+        return v
+
+
+class ServerSettings(_Group):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    insecure: bool = False
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+
+
+class ElectionSettings(_Group):
+    lease_ttl_s: int = Field(default=5, ge=2, le=300)
+    replica_id: str | None = None
+
+
+class OperationSettings(_Group):
+    reconcile_interval_s: float = Field(default=0.2, gt=0)
+    events_kept: int = Field(default=1000, ge=10)
+    history_kept: int = Field(default=200, ge=1)
+    link_bandwidth_bytes_per_s: float = Field(default=1.0e9, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the controller reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EEP_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+    )
+
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    election: ElectionSettings = Field(default_factory=ElectionSettings)
+    operations: OperationSettings = Field(default_factory=OperationSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    def masked(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets shown as ``***``."""
+        data = self.model_dump(mode="json")
+        if self.etcd.password is not None:
+            data["etcd"]["password"] = "***"
+        roles = self.auth.token_roles()
+        data["auth"]["tokens"] = ",".join(f"***:{r.value}" for r in roles.values())
+        return data
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``EEP_CONFIG`` (set by ``--config``)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("EEP_CONFIG")
+        if not path:
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping")
+        return data
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Settings from (in order of precedence) overrides, ``EEP_*`` env, the YAML file."""
+    if config_file:
+        os.environ["EEP_CONFIG"] = config_file
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""eep_controller.planner"""

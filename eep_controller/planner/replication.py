@@ -1,0 +1,48 @@
+"""How many replicas each logical expert gets: greedy apportionment of slots to load."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eep_controller.planner.validation import FloatArray, IntArray
+
+
+def greedy_counts(
+    weight: FloatArray, total_slots: int, max_count: int, base: IntArray | None = None
+) -> IntArray:
+    """Replica counts [B, E] summing to `total_slots` per row, each in [1, max_count].
+
+    Starting from `base` (default one replica each), every further slot goes to the expert with
+    the largest load per replica that may still grow; ties go to the lowest expert id. The rows
+    of `base` must not exceed `total_slots` and `total_slots <= E * max_count`.
+    """
+    counts = np.ones_like(weight, dtype=np.int64) if base is None else base.astype(np.int64)
+    remaining = total_slots - counts.sum(axis=1)
+    rows = np.arange(counts.shape[0])
+    for _ in range(int(remaining.max(initial=0))):
+        todo = remaining > 0
+        if not todo.any():
+            break
+        idx = rows[todo]
+        sub = counts[idx]
+        priority = np.where(sub < max_count, weight[idx] / sub, -1.0)
+        pick = np.argmax(priority, axis=1)
+        counts[idx, pick] += 1
+        remaining[idx] -= 1
+    return counts
+
+
+def floored_counts(
+    weight: FloatArray, total_slots: int, max_count: int, replica_cap: FloatArray
+) -> IntArray:
+    """Counts that keep every replica at most `replica_cap` [B] heavy where the slots allow it.
+
+    Rows whose floor does not fit in `total_slots` fall back to the plain greedy; the rest of
+    the slots are then handed out greedily. Used to spend redundancy on very hot experts so
+    their replicas pack well, which the greedy alone does not do under heavy skew.
+    """
+    safe_cap = np.where(replica_cap > 0, replica_cap, 1.0)[:, None]
+    floor = np.clip(np.ceil(weight / safe_cap - 1e-9), 1, max_count).astype(np.int64)
+    fits = floor.sum(axis=1) <= total_slots
+    floor[~fits] = 1
+    return greedy_counts(weight, total_slots, max_count, base=floor)
