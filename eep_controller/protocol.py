@@ -59,7 +59,7 @@ class EncodedArray(StrictModel):
             raise ValueError(f"unsupported dtype for the wire: {dtype}")
         raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
         return cls(
-            dtype=dtype,  # type: ignore[arg-type]
+            dtype=dtype,  # type: ignore[arg-type,unused-ignore]
             shape=list(arr.shape),
             data=base64.b64encode(zlib.compress(raw, 6)).decode("ascii"),
         )
@@ -69,7 +69,9 @@ class EncodedArray(StrictModel):
         arr = np.frombuffer(raw, dtype=np.dtype(self.dtype).newbyteorder("<"))
         expected = int(np.prod(self.shape)) if self.shape else 1
         if arr.size != expected:
-            raise ValueError(f"array payload holds {arr.size} values, shape {self.shape} needs {expected}")
+            raise ValueError(
+                f"array payload holds {arr.size} values, shape {self.shape} needs {expected}"
+            )
         return arr.reshape(self.shape).astype(self.dtype)
 
 
@@ -177,7 +179,9 @@ class DeploymentSpec(StrictModel):
             raise ValueError(f"min_dp ({self.min_dp}) is greater than max_dp ({self.max_dp})")
         dp0 = self.initial_dp if self.initial_dp is not None else self.min_dp
         if not self.min_dp <= dp0 <= self.max_dp:
-            raise ValueError(f"initial_dp ({dp0}) is outside [min_dp, max_dp] = [{self.min_dp}, {self.max_dp}]")
+            raise ValueError(
+                f"initial_dp ({dp0}) is outside [min_dp, max_dp] = [{self.min_dp}, {self.max_dp}]"
+            )
         experts = self.model.num_experts
         at_max = self.slots(self.max_dp)
         if at_max < experts:
@@ -242,7 +246,9 @@ class Layout(StrictModel):
     dp_size: Annotated[int, Field(ge=0)]
     ranks: list[Rank]
     slots_per_rank: Annotated[int, Field(ge=1)]
-    placement: EncodedArray | None = Field(default=None, description="phy2log [L, R*S]; None when empty")
+    placement: EncodedArray | None = Field(
+        default=None, description="phy2log [L, R*S]; None when empty"
+    )
     group: GroupEndpoint | None = None
     op_id: str | None = None
     committed_at: float = 0.0
@@ -346,7 +352,9 @@ class OpPlan(StrictModel):
     stats: PlanStats
 
     def new_ranks(self) -> list[Rank]:
-        by_new = sorted((p for p in self.participants if p.new_rank is not None), key=lambda p: p.new_rank or 0)
+        by_new = sorted(
+            (p for p in self.participants if p.new_rank is not None), key=lambda p: p.new_rank or 0
+        )
         return [Rank(node_id=p.node_id, device_index=p.device_index) for p in by_new]
 
 

@@ -12,7 +12,9 @@ import typer
 from eep_agent.devices import detect_devices, parse_devices
 from eep_agent.settings import AgentSettings
 
-app = typer.Typer(help="eep agent: runs expert-parallel workers on this node.", no_args_is_help=True)
+app = typer.Typer(
+    help="eep agent: runs expert-parallel workers on this node.", no_args_is_help=True
+)
 
 
 @app.callback()
@@ -32,7 +34,9 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 @app.command()
 def run(
-    etcd: str = typer.Option(..., envvar="EEP_ETCD_ENDPOINTS", help="etcd endpoints, comma separated"),
+    etcd: str = typer.Option(
+        ..., envvar="EEP_ETCD_ENDPOINTS", help="etcd endpoints, comma separated"
+    ),
     node_id: str = typer.Option(socket.gethostname(), envvar="EEP_NODE_ID", help="this node's id"),
     devices: str | None = typer.Option(None, help="cpu:N (or gpu:N / npu:N) instead of detection"),
     prefix: str = typer.Option("/eep/v1", envvar="EEP_ETCD_PREFIX"),
@@ -47,13 +51,17 @@ def run(
     """Register this node and run its workers until SIGTERM."""
     from eep_agent.daemon import AgentDaemon
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         devs = parse_devices(devices) if devices else detect_devices()
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--devices") from None
     if not devs:
-        raise typer.BadParameter("no GPU or NPU found: pass --devices cpu:N", param_hint="--devices")
+        raise typer.BadParameter(
+            "no GPU or NPU found: pass --devices cpu:N", param_hint="--devices"
+        )
     settings = AgentSettings(
         etcd_endpoints=[e.strip() for e in etcd.split(",") if e.strip()],
         node_id=node_id,

@@ -9,23 +9,15 @@ import signal
 import socket
 import time
 
-import uvicorn
-
 from eep_agent import __version__
 from eep_agent.http_api import build_app
 from eep_agent.registration import NodeRegistration
 from eep_agent.settings import AgentSettings
+from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.protocol import NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
 
 log = logging.getLogger(__name__)
-
-
-def _bound_port(server: uvicorn.Server) -> int:
-    for srv in getattr(server, "servers", []):
-        for sock in srv.sockets:
-            return int(sock.getsockname()[1])
-    raise RuntimeError("agent HTTP server has no socket")
 
 
 class AgentDaemon:
@@ -33,33 +25,26 @@ class AgentDaemon:
 
     def __init__(self, settings: AgentSettings) -> None:
         if not settings.devices:
-            raise ValueError("the agent has no devices: pass --devices cpu:N or run where torch sees GPUs/NPUs")
+            raise ValueError(
+                "the agent has no devices: pass --devices cpu:N or run where torch sees GPUs/NPUs"
+            )
         self.settings = settings
         self.store = EtcdStore(EtcdConnection(settings.etcd_endpoints), KeySpace(settings.prefix))
         self.registration: NodeRegistration | None = None
         self.stopping = asyncio.Event()
-        self._server: uvicorn.Server | None = None
+        self._server: EmbeddedServer | None = None
 
     @property
     def registered(self) -> bool:
         return self.registration is not None and self.registration.registered.is_set()
 
     async def _start_http(self) -> str:
-        config = uvicorn.Config(
-            build_app(self), host=self.settings.host, port=self.settings.port,
-            log_level="warning", lifespan="off",
-        )  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._http_task = asyncio.create_task(self._server.serve(), name="agent-http")
-        while not self._server.started:
-            if self._http_task.done():
-                self._http_task.result()
-            await asyncio.sleep(0.02)
+        self._server = make_server(build_app(self), self.settings.host, self.settings.port)
+        self._http_task = await self._server.start_in_background()
         host = self.settings.advertise_host or (
             self.settings.host if self.settings.host not in ("0.0.0.0", "::") else socket.getfqdn()
         )
-        return f"http://{host}:{_bound_port(self._server)}"
+        return f"http://{host}:{self._server.bound_port}"
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -84,7 +69,9 @@ class AgentDaemon:
                 log.warning("cannot register with etcd yet: %s", exc)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
-        log.info("agent %s serving at %s with %d device(s)", info.node_id, address, len(info.devices))
+        log.info(
+            "agent %s serving at %s with %d device(s)", info.node_id, address, len(info.devices)
+        )
         print(f"eep-agent {info.node_id} ready at {address}", flush=True)
         await self.stopping.wait()
         await self.shutdown()

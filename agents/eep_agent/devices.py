@@ -31,10 +31,15 @@ def detect_devices() -> list[Device]:
             import torch
             import torch_npu  # noqa: F401  (registers torch.npu)
 
-            n = int(torch.npu.device_count())
+            npu = getattr(torch, "npu")  # noqa: B009 - attribute added by torch_npu at import
+            n = int(npu.device_count())
             if n:
                 return [
-                    Device(index=i, kind=DeviceKind.NPU, memory=int(torch.npu.get_device_properties(i).total_memory))
+                    Device(
+                        index=i,
+                        kind=DeviceKind.NPU,
+                        memory=int(npu.get_device_properties(i).total_memory),
+                    )
                     for i in range(n)
                 ]
         except Exception as exc:  # a broken NPU stack must not stop a CPU agent
@@ -45,7 +50,11 @@ def detect_devices() -> list[Device]:
 
             if torch.cuda.is_available():
                 return [
-                    Device(index=i, kind=DeviceKind.GPU, memory=int(torch.cuda.get_device_properties(i).total_memory))
+                    Device(
+                        index=i,
+                        kind=DeviceKind.GPU,
+                        memory=int(torch.cuda.get_device_properties(i).total_memory),
+                    )
                     for i in range(torch.cuda.device_count())
                 ]
         except Exception as exc:

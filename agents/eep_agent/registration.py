@@ -30,9 +30,13 @@ class NodeRegistration:
     async def _register(self) -> None:
         self.lease = KeptLease(self.store, self.ttl)
         await self.lease.start()
-        await self.store.put(self.store.keys.node(self.info.node_id), self.info, lease=self.lease.id)
+        await self.store.put(
+            self.store.keys.node(self.info.node_id), self.info, lease=self.lease.id
+        )
         self.registered.set()
-        log.info("node %s registered (lease %x, ttl %ss)", self.info.node_id, self.lease.id, self.ttl)
+        log.info(
+            "node %s registered (lease %x, ttl %ss)", self.info.node_id, self.lease.id, self.ttl
+        )
 
     async def _watch_lease(self) -> None:
         while True:

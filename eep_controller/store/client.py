@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,7 +103,10 @@ def _credentials(conn: EtcdConnection) -> grpc.ChannelCredentials | None:
         e.startswith("https://") for e in conn.endpoints
     ):
         return None
-    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+
+    def read(path: Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
     return grpc.ssl_channel_credentials(
         root_certificates=read(conn.ca_cert),
         private_key=read(conn.key),
@@ -200,17 +204,21 @@ class EtcdStore:
         if got is None:
             return None
         return Versioned(
-            key, self._parse(key, got.value, model), got.mod_revision, got.create_revision, got.lease
+            key,
+            self._parse(key, got.value, model),
+            got.mod_revision,
+            got.create_revision,
+            got.lease,
         )
 
     async def get_raw(self, key: str) -> tuple[bytes, int] | None:
         got = await self._call("get", key.encode())
         return None if got is None else (bytes(got.value), int(got.mod_revision))
 
-    async def list(self, prefix: str, model: type[M]) -> list[Versioned[M]]:
+    async def list(self, prefix: str, model: type[M]) -> builtins.list[Versioned[M]]:
         """Every value under a prefix, in key order; unparsable values are logged and skipped."""
         res = await self._call("get_prefix", prefix.encode(), sort_order="ascend")
-        out: list[Versioned[M]] = []
+        out: builtins.list[Versioned[M]] = []
         for kv in res:
             key = kv.key.decode()
             try:
@@ -221,7 +229,7 @@ class EtcdStore:
             out.append(Versioned(key, value, kv.mod_revision, kv.create_revision, kv.lease))
         return out
 
-    async def list_keys(self, prefix: str) -> list[str]:
+    async def list_keys(self, prefix: str) -> builtins.list[str]:
         res = await self._call("get_prefix", prefix.encode(), keys_only=True)
         return [kv.key.decode() for kv in res]
 
@@ -263,7 +271,9 @@ class EtcdStore:
         t = self._txns
         txn.compares.append(t.value(key.encode()) == raw)
 
-    def put_op(self, txn: Txn, key: str, value: BaseModel | bytes, *, lease: int | None = None) -> None:
+    def put_op(
+        self, txn: Txn, key: str, value: BaseModel | bytes, *, lease: int | None = None
+    ) -> None:
         raw = value if isinstance(value, bytes) else value.model_dump_json().encode()
         txn.success.append(self._txns.put(key.encode(), raw, lease=lease))
 
@@ -272,7 +282,9 @@ class EtcdStore:
         if prefix:
             from aetcd import utils
 
-            txn.success.append(t.delete(key.encode(), range_end=utils.prefix_range_end(key.encode())))
+            txn.success.append(
+                t.delete(key.encode(), range_end=utils.prefix_range_end(key.encode()))
+            )
         else:
             txn.success.append(t.delete(key.encode()))
 
@@ -306,7 +318,9 @@ class EtcdStore:
         return int(info.TTL)
 
 
-def connection_from_settings(settings: Any, endpoints: Sequence[str] | None = None) -> EtcdConnection:
+def connection_from_settings(
+    settings: Any, endpoints: Sequence[str] | None = None
+) -> EtcdConnection:
     """An :class:`EtcdConnection` from :class:`eep_controller.config.EtcdSettings`."""
     return EtcdConnection(
         endpoints=list(endpoints if endpoints is not None else settings.endpoints),

@@ -100,7 +100,13 @@ class EmbeddedEtcd:
         except Exception:
             self.stop()
             raise
-        log.info("embedded etcd %s up at %s (data %s, pid %s)", "3.5", self.endpoint, self.data_dir, self.pid)
+        log.info(
+            "embedded etcd %s up at %s (data %s, pid %s)",
+            "3.5",
+            self.endpoint,
+            self.data_dir,
+            self.pid,
+        )
 
     def healthy(self) -> bool:
         try:
@@ -119,7 +125,9 @@ class EmbeddedEtcd:
             if self.healthy():
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"etcd at {self.endpoint} not healthy after {timeout_s}s; see {self.log_path}")
+        raise TimeoutError(
+            f"etcd at {self.endpoint} not healthy after {timeout_s}s; see {self.log_path}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; always reaps the child."""

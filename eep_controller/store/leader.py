@@ -58,7 +58,10 @@ class LeaderElection:
                     self.lease = KeptLease(self.store, self.ttl)
                     await self.lease.start()
                 record = LeaderRecord(
-                    replica_id=self.replica_id, address=self.address, since=time.time(), lease=self.lease.id
+                    replica_id=self.replica_id,
+                    address=self.address,
+                    since=time.time(),
+                    lease=self.lease.id,
                 )
                 txn = self.store.txn()
                 self.store.require_absent(txn, key)

@@ -45,11 +45,15 @@ class PrefixWatch:
     consumer except as a pause.
     """
 
-    def __init__(self, store: EtcdStore, prefix: str, *, retry_s: float = 0.5) -> None:
+    def __init__(
+        self, store: EtcdStore, prefix: str, *, retry_s: float = 0.5, resume_from: int | None = None
+    ) -> None:
+        """``resume_from``: the consumer already holds the state at that revision; skip the listing."""
         self.store = store
         self.prefix = prefix
         self.retry_s = retry_s
-        self.revision = 0
+        self.revision = resume_from or 0
+        self._need_list = resume_from is None
         self.restarts = 0
         self._cancel: asyncio.Event = asyncio.Event()
 
@@ -57,24 +61,28 @@ class PrefixWatch:
         self._cancel.set()
 
     async def __aiter__(self) -> AsyncIterator[WatchEvent | Resync]:
-        need_list = True
         while not self._cancel.is_set():
             try:
-                if need_list:
+                if self._need_list:
                     rev, snap = await self.store.snapshot(self.prefix)
                     self.revision = rev
-                    need_list = False
+                    self._need_list = False
                     yield Resync(rev, snap)
                 async for ev in self._stream():
                     yield ev
             except etcd_errors.RevisionCompactedError:
                 log.info("watch on %s: history compacted, re-listing", self.prefix)
-                need_list = True
+                self._need_list = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.restarts += 1
-                log.info("watch on %s broke (%s); re-watching from %d", self.prefix, exc, self.revision + 1)
+                log.info(
+                    "watch on %s broke (%s); re-watching from %d",
+                    self.prefix,
+                    exc,
+                    self.revision + 1,
+                )
                 with contextlib.suppress(Exception):
                     await self.store._rotate()
                 await self._sleep(self.retry_s)

@@ -1,0 +1,30 @@
+"""Nodes: what the agents registered under their leases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from eep_controller.api.auth import reader
+from eep_controller.api.problems import not_found
+from eep_controller.protocol import NodeInfo
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"], dependencies=[Depends(reader)])
+
+
+@router.get("", summary="Nodes with a live agent lease")
+async def list_nodes(request: Request) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    nodes = await ctx.store.list(ctx.keys.nodes(), NodeInfo)
+    ctx.metrics.nodes.labels(state="ready").set(len(nodes))
+    return {"items": [n.value.model_dump(mode="json") for n in nodes], "count": len(nodes)}
+
+
+@router.get("/{node_id}", summary="One node")
+async def get_node(node_id: str, request: Request) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    got = await ctx.store.get(ctx.keys.node(node_id), NodeInfo) if "/" not in node_id else None
+    if got is None:
+        raise not_found("node", node_id)
+    return dict(got.value.model_dump(mode="json"))

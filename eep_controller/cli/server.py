@@ -1,0 +1,99 @@
+"""``eep-controller``: serve the control plane, print its config, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import typer
+
+from eep_controller.config import Settings, load_settings
+
+app = typer.Typer(
+    help="eep controller: the control plane for elastic expert parallelism.", no_args_is_help=True
+)
+
+
+@app.callback()
+def _group() -> None:
+    """eep controller: the control plane for elastic expert parallelism."""
+
+
+def _settings(
+    config: Path | None,
+    etcd: str | None,
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    insecure: bool,
+) -> Settings:
+    settings = load_settings(str(config) if config else None)
+    if etcd is not None:
+        settings.etcd.endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
+    if host is not None:
+        settings.server.host = host
+    if port is not None:
+        settings.server.port = port
+    if data_dir is not None:
+        settings.etcd.data_dir = data_dir
+    if insecure:
+        settings.server.insecure = True
+    return settings
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file", envvar="EEP_CONFIG")
+EtcdOpt = typer.Option(None, "--etcd", help="etcd endpoints, comma separated; none = embedded etcd")
+HostOpt = typer.Option(None, "--host", help="bind address (default 127.0.0.1)")
+PortOpt = typer.Option(None, "--port", help="bind port (default 8080; 0 = any free port)")
+DataDirOpt = typer.Option(None, "--data-dir", help="embedded etcd data directory")
+InsecureOpt = typer.Option(
+    False, "--insecure", help="allow a non-loopback bind without auth tokens"
+)
+
+
+@app.command()
+def serve(
+    config: Path | None = ConfigOpt,
+    etcd: str | None = EtcdOpt,
+    host: str | None = HostOpt,
+    port: int | None = PortOpt,
+    data_dir: Path | None = DataDirOpt,
+    insecure: bool = InsecureOpt,
+    log_level: str = typer.Option("INFO", "--log-level"),
+) -> None:
+    """Run the controller (and the embedded etcd when no endpoints are configured)."""
+    from eep_controller.cli.runtime import ControllerRuntime
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _settings(config, etcd, host, port, data_dir, insecure)
+
+    def ready(url: str) -> None:
+        print(f"eep controller ready at {url}  (API docs {url}/docs)", flush=True)
+
+    asyncio.run(ControllerRuntime(settings, on_ready=ready).run())
+
+
+@app.command("config")
+def show_config(
+    config: Path | None = ConfigOpt,
+    etcd: str | None = EtcdOpt,
+    host: str | None = HostOpt,
+    port: int | None = PortOpt,
+    data_dir: Path | None = DataDirOpt,
+    insecure: bool = InsecureOpt,
+) -> None:
+    """Print the effective configuration (secrets masked) as JSON."""
+    settings = _settings(config, etcd, host, port, data_dir, insecure)
+    typer.echo(json.dumps(settings.masked(), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

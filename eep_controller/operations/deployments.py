@@ -1,0 +1,124 @@
+"""Deployments in etcd: create, read a status view, delete — each one transaction."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from eep_controller.errors import ActiveOperation, Conflict, NotFound
+from eep_controller.protocol import DeploymentSpec, Layout
+from eep_controller.store import EtcdStore
+
+
+class LockRecord(BaseModel):
+    """``deployments/{d}/lock``: the one active operation."""
+
+    op_id: str
+    since: float
+
+
+class DeploymentView(BaseModel):
+    """What ``GET /v1/deployments/{name}`` returns."""
+
+    name: str
+    spec: DeploymentSpec
+    generation: int
+    dp_size: int
+    ep_size: int
+    ranks: int
+    active_operation: str | None
+    status: str
+
+
+def _status(layout: Layout | None, lock: LockRecord | None) -> str:
+    if lock is not None:
+        return "scaling"
+    if layout is None or not layout.ranks:
+        return "pending"
+    return "serving"
+
+
+async def create_deployment(store: EtcdStore, spec: DeploymentSpec) -> DeploymentView:
+    """Store the spec and an empty generation-0 layout; Conflict if the name is taken."""
+    keys = store.keys
+    layout = Layout(
+        deployment=spec.name, generation=0, dp_size=0, ranks=[], slots_per_rank=spec.slots_per_rank,
+        committed_at=time.time(),
+    )  # fmt: skip
+    txn = store.txn()
+    store.require_absent(txn, keys.spec(spec.name))
+    store.require_absent(txn, keys.layout(spec.name))
+    store.put_op(txn, keys.spec(spec.name), spec)
+    store.put_op(txn, keys.layout(spec.name), layout)
+    if not await store.commit(txn):
+        raise Conflict(f"a deployment named {spec.name!r} already exists", deployment=spec.name)
+    return _view(spec, layout, None)
+
+
+async def get_lock(store: EtcdStore, name: str) -> tuple[LockRecord, int] | None:
+    got = await store.get(store.keys.lock(name), LockRecord)
+    return None if got is None else (got.value, got.mod_revision)
+
+
+async def deployment_view(store: EtcdStore, name: str) -> DeploymentView:
+    keys = store.keys
+    spec = await store.get(keys.spec(name), DeploymentSpec)
+    if spec is None:
+        raise NotFound(f"no deployment named {name!r}", resource="deployment")
+    layout = await store.get(keys.layout(name), Layout)
+    lock = await store.get(keys.lock(name), LockRecord)
+    return _view(spec.value, layout.value if layout else None, lock.value if lock else None)
+
+
+def _view(spec: DeploymentSpec, layout: Layout | None, lock: LockRecord | None) -> DeploymentView:
+    dp = layout.dp_size if layout else 0
+    return DeploymentView(
+        name=spec.name,
+        spec=spec,
+        generation=layout.generation if layout else 0,
+        dp_size=dp,
+        ep_size=spec.ep_size(dp),
+        ranks=len(layout.ranks) if layout else 0,
+        active_operation=lock.op_id if lock else None,
+        status=_status(layout, lock),
+    )
+
+
+async def list_deployment_views(store: EtcdStore) -> list[DeploymentView]:
+    keys = store.keys
+    names = [
+        k[len(keys.deployments()) : -len("/spec")]
+        for k in await store.list_keys(keys.deployments())
+        if k.endswith("/spec")
+    ]
+    views: list[DeploymentView] = []
+    for name in names:
+        try:
+            views.append(await deployment_view(store, name))
+        except NotFound:
+            continue  # deleted between the list and the read
+    return views
+
+
+async def delete_deployment(store: EtcdStore, name: str) -> dict[str, Any]:
+    """Delete a deployment and its history; refused while an operation is active."""
+    keys = store.keys
+    spec = await store.get(keys.spec(name), DeploymentSpec)
+    if spec is None:
+        raise NotFound(f"no deployment named {name!r}", resource="deployment")
+    lock = await get_lock(store, name)
+    if lock is not None:
+        raise ActiveOperation(
+            f"deployment {name!r} has an active operation; cancel it or wait",
+            active_operation=lock[0].op_id,
+        )
+    txn = store.txn()
+    store.require_revision(txn, keys.spec(name), spec.mod_revision)
+    store.require_absent(txn, keys.lock(name))
+    store.delete_op(txn, keys.deployment(name), prefix=True)
+    store.delete_op(txn, keys.events(name), prefix=True)
+    if not await store.commit(txn):
+        raise Conflict(f"deployment {name!r} changed while deleting it; retry")
+    return {"deleted": name}

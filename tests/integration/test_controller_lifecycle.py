@@ -1,0 +1,146 @@
+"""The controller daemon: embedded etcd, leader election and failover, etcd restarts."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from eep_controller.store import EmbeddedEtcd, free_port
+from tests.support.processes import BIN, start, start_controller, wait_for
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_serve_without_endpoints_runs_embedded_etcd_and_stops_it_on_sigterm(tmp_path: Path, prefix: str) -> None:
+    port = free_port()
+    proc = start(
+        "controller",
+        [str(BIN / "eep-controller"), "serve", "--port", str(port), "--data-dir", str(tmp_path / "etcd")],
+        {"EEP_ETCD_PREFIX": prefix, "EEP_ELECTION_LEASE_TTL_S": "2"},
+    )
+    url = proc.wait_ready()
+    wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 15, what="readyz")
+    m = wait_for(lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid in log")
+    etcd_pid = int(m.group(1))
+    assert _pid_alive(etcd_pid)
+    assert (tmp_path / "etcd").is_dir()
+    assert "external etcd cluster" in proc.output()
+    assert proc.stop() == 0
+    wait_for(lambda: not _pid_alive(etcd_pid), 10, what="embedded etcd to exit")
+
+
+def test_serve_stops_embedded_etcd_on_sigint_too(tmp_path: Path, prefix: str) -> None:
+    proc = start(
+        "controller",
+        [str(BIN / "eep-controller"), "serve", "--port", "0", "--data-dir", str(tmp_path / "etcd")],
+        {"EEP_ETCD_PREFIX": prefix},
+    )
+    proc.wait_ready()
+    m = wait_for(lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid")
+    proc.signal(signal.SIGINT)
+    proc.popen.wait(15)
+    wait_for(lambda: not _pid_alive(int(m.group(1))), 10, what="embedded etcd to exit")
+
+
+def test_refuses_non_loopback_bind_without_tokens(etcd: str, prefix: str) -> None:
+    out = subprocess.run(
+        [str(BIN / "eep-controller"), "serve", "--etcd", etcd, "--host", "0.0.0.0", "--port", "0"],
+        env={**os.environ, "EEP_ETCD_PREFIX": prefix, "EEP_AUTH_TOKENS": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "--insecure" in out.stderr + out.stdout
+
+
+def test_config_command_masks_secrets(prefix: str) -> None:
+    out = subprocess.run(
+        [str(BIN / "eep-controller"), "config"],
+        env={**os.environ, "EEP_AUTH_TOKENS": "verysecret:admin", "EEP_ETCD_PREFIX": prefix},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "verysecret" not in out.stdout and "***:admin" in out.stdout and prefix in out.stdout
+
+
+def _leader(url: str) -> Any:
+    r = httpx.get(f"{url}/v1/leader", timeout=5)
+    return r.json()["replica_id"] if r.status_code == 200 else None
+
+
+def test_two_replicas_elect_one_leader_and_fail_over(etcd: str, prefix: str) -> None:
+    a = start_controller(etcd, prefix, env={"EEP_ELECTION_REPLICA_ID": "replica-a"}, lease_ttl=2)
+    b = start_controller(etcd, prefix, env={"EEP_ELECTION_REPLICA_ID": "replica-b"}, lease_ttl=2)
+    try:
+        assert a.url and b.url
+        first = wait_for(lambda: _leader(a.url), 10, what="a leader")  # type: ignore[arg-type]
+        assert _leader(b.url) == first  # both agree
+        leaders = [httpx.get(f"{u}/readyz").json()["is_leader"] for u in (a.url, b.url)]
+        assert sorted(leaders) == [False, True]
+        dead, survivor = (a, b) if first == "replica-a" else (b, a)
+        killed_at = time.monotonic()
+        dead.kill9()
+        assert survivor.url
+        wait_for(lambda: _leader(survivor.url) not in (None, first), 2 + 3, what="failover")  # type: ignore[arg-type]
+        assert time.monotonic() - killed_at <= 2 + 3  # within the lease TTL (+ one poll interval)
+        assert httpx.get(f"{survivor.url}/readyz").json()["is_leader"] is True
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix: str) -> None:
+    proc = start_controller(private_etcd.endpoint, prefix)
+    try:
+        url = proc.url
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 10, what="ready")
+        private_etcd.kill()
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 503, 15, what="not ready")
+        problem = httpx.get(f"{url}/readyz", timeout=10)
+        assert problem.headers["content-type"].startswith("application/problem+json")
+        assert httpx.get(f"{url}/healthz").status_code == 200  # the process is still up
+        assert httpx.get(f"{url}/v1/deployments", timeout=15).status_code == 503
+        private_etcd.start()
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 200, 20, what="ready again")
+        assert proc.alive()
+        r = httpx.post(
+            f"{url}/v1/deployments",
+            json={
+                "name": "after-restart",
+                "model": {"num_moe_layers": 2, "num_experts": 8, "expert_bytes": 8},
+                "slots_per_rank": 4,
+                "min_dp": 2,
+                "max_dp": 4,
+            },
+        )
+        assert r.status_code == 201
+    finally:
+        proc.stop()
+
+
+def test_python_m_entry_points_exist() -> None:
+    for mod in ("eep_controller.cli.server", "eep_controller.cli.ctl"):
+        out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
