@@ -14,7 +14,7 @@ from eep_controller import __version__
 from eep_controller.api.context import ControllerContext
 from eep_controller.api.limits import BodySizeLimit
 from eep_controller.api.problems import Problem, install_problem_handlers, problem_response
-from eep_controller.api.routes import deployments, health, nodes
+from eep_controller.api.routes import deployments, health, layouts, nodes, operations, stream
 from eep_controller.errors import EepError
 
 log = logging.getLogger(__name__)
@@ -76,4 +76,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(nodes.router)
     app.include_router(deployments.router)
+    app.include_router(operations.router)
+    app.include_router(layouts.router)
+    app.include_router(stream.router)
     return app

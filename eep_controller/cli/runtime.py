@@ -17,6 +17,7 @@ from eep_controller.api.auth import TokenAuth
 from eep_controller.api.context import ControllerContext
 from eep_controller.config import Settings
 from eep_controller.httpserver import make_server
+from eep_controller.operations.reconciler import Reconciler
 from eep_controller.store import (
     EmbeddedEtcd,
     EtcdStore,
@@ -90,7 +91,15 @@ class ControllerRuntime:
         election = LeaderElection(store, replica_id, address, ttl=s.election.lease_ttl_s)
         ctx = ControllerContext(settings=s, store=store, election=election, auth=TokenAuth(s.auth))
         ctx.extras["etcd_endpoints"] = endpoints
-        app = create_app(ctx, self.background)
+        reconciler = Reconciler(
+            store=store, settings=s, metrics=ctx.metrics, is_leader=lambda: election.is_leader
+        )
+        ctx.extras["reconciler"] = reconciler
+
+        async def reconcile(_: ControllerContext) -> None:
+            await reconciler.run()
+
+        app = create_app(ctx, [reconcile, *self.background])
         server = make_server(app, s.server.host, s.server.port)
         loop = asyncio.get_running_loop()
 

@@ -77,11 +77,9 @@ class KeySpace:
     def events_root(self) -> str:
         return self._k("events") + "/"
 
-    def event(self, name: str, seq: int) -> str:
-        return self._k("events", name, f"{seq:016d}")
-
-    def event_seq(self, name: str) -> str:
-        return self._k("eventseq", name)
+    def event(self, name: str, event_id: str) -> str:
+        """Event ids sort by time (see :func:`eep_controller.operations.events.new_event_id`)."""
+        return self._k("events", name, event_id)
 
     def strip(self, key: str) -> str:
         """The key relative to the prefix (``deployments/d/spec``)."""

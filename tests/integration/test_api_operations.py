@@ -1,0 +1,198 @@
+"""Operations as resources over real HTTP: dry run, idempotency, one-at-a-time, cancel, history."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import dump_sync
+from tests.support.processes import Proc, start_controller, wait_for
+from tests.support.seeding import seed_serving_deployment
+
+
+def spec(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": {"num_moe_layers": 4, "num_experts": 16, "expert_bytes": 1 << 20, "top_k": 2},
+        "slots_per_rank": 8,
+        "min_dp": 2,
+        "max_dp": 8,
+    }
+
+
+@pytest.fixture(scope="module")
+def env(etcd_server: Any) -> Iterator[tuple[Proc, str, str]]:
+    if etcd_server.proc is None:
+        etcd_server.start()
+    prefix = f"/eep-test/{uuid.uuid4().hex[:12]}"
+    seed_serving_deployment(etcd_server.endpoint, prefix, spec("ds"), {"n1": 4, "n2": 3}, dp=4)
+    proc = start_controller(etcd_server.endpoint, prefix)
+    yield proc, etcd_server.endpoint, prefix
+    proc.stop()
+
+
+@pytest.fixture
+def api(env: tuple[Proc, str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=str(env[0].url), timeout=30) as c:
+        yield c
+
+
+def _cancel_active(api: httpx.Client, name: str = "ds") -> None:
+    active = api.get(f"/v1/deployments/{name}").json()["active_operation"]
+    if active:
+        api.post(f"/v1/operations/{active}/cancel")
+        wait_for(lambda: api.get(f"/v1/deployments/{name}").json()["active_operation"] is None, 10, what="lock free")
+
+
+def test_dry_run_previews_the_plan_and_changes_nothing(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+    _, etcd, prefix = env
+    before = dump_sync(etcd, prefix)
+    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 6, "dry_run": True})
+    assert r.status_code == 200, r.text
+    plan = r.json()["plan"]
+    assert plan["from_dp"] == 4 and plan["to_dp"] == 6
+    assert len(plan["ranks_added"]) == 2 and plan["ranks_removed"] == []
+    assert plan["copies"] >= plan["lower_bound"] > 0
+    assert plan["bytes"] == plan["copies"] * (1 << 20)
+    assert 0 < plan["balancedness_after"] <= 1 and "est_transfer_s" in plan
+    assert dump_sync(etcd, prefix) == before
+
+
+def test_noop_scale_is_200_and_records_nothing(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+    _, etcd, prefix = env
+    before = dump_sync(etcd, prefix)
+    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 4})
+    assert r.status_code == 200 and r.json()["noop"] is True
+    assert dump_sync(etcd, prefix) == before
+
+
+BAD = [
+    ("dp above max", {"dp_size": 9}, 422, "outside [min_dp, max_dp]"),
+    ("dp below min", {"dp_size": 1}, 422, "outside [min_dp, max_dp]"),
+    ("dp zero", {"dp_size": 0}, 422, "dp_size"),
+    ("unknown field", {"dp_size": 6, "force": True}, 422, "force"),
+    ("not enough devices", {"dp_size": 8, "dry_run": True}, 422, "missing"),
+    ("remove_ranks on scale-up", {"dp_size": 6, "remove_ranks": [0, 1]}, 422, "only for scaling down"),
+    ("remove_ranks out of range", {"dp_size": 3, "remove_ranks": [7]}, 422, "out of range"),
+    ("remove_ranks wrong count", {"dp_size": 2, "remove_ranks": [0]}, 422, "names 1"),
+    ("remove_ranks duplicated", {"dp_size": 2, "remove_ranks": [1, 1]}, 422, "twice"),
+    ("negative drain", {"dp_size": 3, "drain_timeout_s": -1}, 422, "drain_timeout_s"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "mentions"), BAD, ids=[b[0] for b in BAD])
+def test_bad_scale_requests_are_problems_and_change_nothing(
+    api: httpx.Client, env: tuple[Proc, str, str], case: str, body: dict[str, Any], status: int, mentions: str
+) -> None:
+    _, etcd, prefix = env
+    before = dump_sync(etcd, prefix)
+    r = api.post("/v1/deployments/ds/scale", json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert mentions in r.text
+    assert dump_sync(etcd, prefix) == before
+
+
+def test_not_enough_devices_says_how_many_are_missing(api: httpx.Client) -> None:
+    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 8})
+    assert r.status_code == 422
+    body = r.json()
+    assert (body["needed"], body["available"], body["missing"]) == (4, 3, 1)
+    assert "1 missing" in body["detail"]
+
+
+def test_unknown_deployment_is_404(api: httpx.Client) -> None:
+    r = api.post("/v1/deployments/nope/scale", json={"dp_size": 3})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_ten_simultaneous_scales_give_one_202_and_nine_409_naming_it(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+    url = str(env[0].url)
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{url}/v1/deployments/ds/scale", json={"dp_size": 6}, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(post, range(10)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [202] + [409] * 9, [r.text for r in responses]
+    winner = next(r for r in responses if r.status_code == 202).json()["id"]
+    for r in responses:
+        if r.status_code == 409:
+            assert r.json()["active_operation"] == winner
+            assert r.headers["content-type"].startswith("application/problem+json")
+    _cancel_active(api)
+
+
+def test_idempotent_replay_returns_the_same_operation(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+    key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    first = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key)
+    assert first.status_code == 202, first.text
+    again = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key)
+    assert again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    other = api.post("/v1/deployments/ds/scale", json={"dp_size": 6}, headers=key)
+    assert other.status_code == 422
+    assert other.json()["operation"] == first.json()["id"]
+    _cancel_active(api)
+    # after the op ended, a replay still names it (and does not start another)
+    replay = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key)
+    assert replay.json()["id"] == first.json()["id"] and replay.json()["state"] == "ABORTED"
+
+
+def test_bad_idempotency_key_is_rejected(api: httpx.Client) -> None:
+    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 5}, headers={"Idempotency-Key": "has spaces and /"})
+    assert r.status_code == 422
+
+
+def test_operation_resource_cancel_and_history(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 3, "reason": "shrink"})
+    assert r.status_code == 202
+    op = r.json()
+    assert r.headers["location"] == f"/v1/operations/{op['id']}"
+    assert op["kind"] == "scale_down" and op["from_generation"] == 1 and op["to_generation"] == 2
+    assert op["plan"]["transfer_world"] == "active"
+    assert len([p for p in op["plan"]["participants"] if p["new_rank"] is None]) == 1
+    got = wait_for(lambda: (g := api.get(f"/v1/operations/{op['id']}").json())["state"] == "PREPARING" and g, 10, what="PREPARING")
+    assert got["progress"]["PREPARING"] == {"acked": 0, "failed": 0, "total": 4, "bytes_received": 0}
+    conflict = api.post("/v1/deployments/ds/scale", json={"dp_size": 5})
+    assert conflict.status_code == 409 and conflict.json()["active_operation"] == op["id"]
+    assert api.delete("/v1/deployments/ds").status_code == 409
+
+    c = api.post(f"/v1/operations/{op['id']}/cancel")
+    assert c.status_code == 202 and c.json()["cancel_requested"] is True
+    done = wait_for(lambda: (g := api.get(f"/v1/operations/{op['id']}").json())["state"] == "ABORTED" and g, 10, what="ABORTED")
+    assert "cancel" in done["error"]
+    assert api.get("/v1/deployments/ds").json()["active_operation"] is None
+    assert api.get("/v1/deployments/ds/layout").json()["generation"] == 1
+    again = api.post(f"/v1/operations/{op['id']}/cancel")
+    assert again.status_code == 409 and again.json()["state"] == "ABORTED"
+
+    hist = api.get("/v1/deployments/ds/operations", params={"limit": 1}).json()
+    assert hist["items"][0]["id"] == op["id"]  # newest first
+    assert hist["next"]
+    page2 = api.get(hist["next"]).json()
+    assert page2["items"] and page2["items"][0]["id"] < op["id"]
+    events = api.get("/v1/deployments/ds/events", params={"op_id": op["id"]}).json()["items"]
+    types = [e["type"] for e in events]
+    assert "operation.created" in types and "operation.cancel_requested" in types and "operation.aborted" in types
+
+
+def test_unknown_operation_is_404(api: httpx.Client) -> None:
+    assert api.get("/v1/operations/op-nope").status_code == 404
+    assert api.post("/v1/operations/op-nope/cancel").status_code == 404
+
+
+def test_layout_and_placement(api: httpx.Client) -> None:
+    lay = api.get("/v1/deployments/ds/layout").json()
+    assert lay["generation"] == 1 and lay["ep_size"] == 4 and len(lay["ranks"]) == 4
+    assert lay["placement"]["experts_without_replica"] == 0
+    assert lay["placement"]["physical_slots"] == 32
+    assert 0 < lay["balancedness"]["value"] <= 1
+    full = api.get("/v1/deployments/ds/placement").json()
+    assert len(full["phy2log"]) == 4 and len(full["phy2log"][0]) == 32
