@@ -32,17 +32,26 @@ def greedy_counts(
     return counts
 
 
-def floored_counts(
+def filler_counts(
     weight: FloatArray, total_slots: int, max_count: int, replica_cap: FloatArray
 ) -> IntArray:
-    """Counts that keep every replica at most `replica_cap` [B] heavy where the slots allow it.
+    """Counts that keep every replica at most `replica_cap` [B] heavy, spare slots to the coldest.
 
-    Rows whose floor does not fit in `total_slots` fall back to the plain greedy; the rest of
-    the slots are then handed out greedily. Used to spend redundancy on very hot experts so
-    their replicas pack well, which the greedy alone does not do under heavy skew.
+    Under heavy skew the greedy makes many replicas of similar, large size that do not pack;
+    splitting the hot experts just below a rank's share and spending the spare slots on extra
+    replicas of the coldest experts leaves small items to fill each rank up. Rows whose floor
+    does not fit in `total_slots` (or the count cap) fall back to the plain greedy.
     """
     safe_cap = np.where(replica_cap > 0, replica_cap, 1.0)[:, None]
-    floor = np.clip(np.ceil(weight / safe_cap - 1e-9), 1, max_count).astype(np.int64)
-    fits = floor.sum(axis=1) <= total_slots
-    floor[~fits] = 1
-    return greedy_counts(weight, total_slots, max_count, base=floor)
+    floor = np.clip(np.ceil(weight / safe_cap - 1e-9), 1, None).astype(np.int64)
+    spare = total_slots - floor.sum(axis=1)
+    num_experts = weight.shape[1]
+    coldness = np.argsort(np.argsort(weight, axis=1, kind="stable"), axis=1, kind="stable")
+    spread = np.maximum(spare, 0)[:, None]
+    counts: IntArray = floor + spread // num_experts + (coldness < spread % num_experts)
+    fits = (spare >= 0) & (counts.max(axis=1) <= max_count)
+    if fits.all():
+        return counts
+    fallback = greedy_counts(weight[~fits], total_slots, max_count)
+    counts[~fits] = fallback
+    return counts

@@ -40,11 +40,17 @@ def checked_positive(name: str, value: int) -> int:
 
 
 def checked_capacity(num_ranks: int, slots_per_rank: int, num_experts: int) -> None:
-    """Raise ValueError when `num_ranks` x `slots_per_rank` slots cannot hold every expert."""
+    """Raise ValueError unless every expert fits and a rank can fill its slots with distinct
+    experts (R x S >= E and S <= E)."""
     if num_ranks * slots_per_rank < num_experts:
         raise ValueError(
             f"{num_ranks} ranks x {slots_per_rank} slots per rank = "
             f"{num_ranks * slots_per_rank} slots cannot hold every one of {num_experts} experts"
+        )
+    if slots_per_rank > num_experts:
+        raise ValueError(
+            f"slots_per_rank={slots_per_rank} exceeds the {num_experts} experts: a rank cannot "
+            f"hold that many distinct experts"
         )
 
 

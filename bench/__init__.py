@@ -1,0 +1,1 @@
+"""Benchmarks: planner quality, migration volume and speed, eep vs the EPLB baseline."""

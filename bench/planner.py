@@ -1,0 +1,175 @@
+"""eep's planner against the DeepSeek EPLB greedy baseline, side by side in one run.
+
+    python -m bench.planner           # rich tables
+    python -m bench.planner --json    # one JSON object on stdout
+    python -m bench.planner --quick   # fewer loads and repeats (< 60 s)
+
+Shapes: 58 layers x 256 experts, 44 MB per expert (DeepSeek-V3 FP8). Loads are planned and
+scored on the same expected load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from bench import eplb_baseline as baseline
+from eep_controller.planner import (
+    balancedness,
+    plan_placement,
+    plan_rescale,
+    schedule_transfers,
+)
+
+LAYERS, EXPERTS = 58, 256
+EXPERT_BYTES = 44.05e6
+LINK_BANDWIDTH = 25e9  # bytes/s per rank, for the makespan estimate
+PLACEMENTS = [(32, 9), (8, 36)]
+# (name, old ranks, new ranks, slots per rank, failed ranks)
+RESCALES = [
+    ("32->48", 32, 48, 9, ()),
+    ("48->32", 48, 32, 9, ()),
+    ("8->12", 8, 12, 36, ()),
+    ("12->8", 12, 8, 36, ()),
+    ("16->15 fail", 16, 15, 18, (7,)),
+]
+
+
+def make_load(kind: str, param: float, seed: int = 0) -> npt.NDArray[np.float64]:
+    rng = np.random.default_rng(seed)
+    if kind == "zipf":
+        base = 1.0 / np.arange(1, EXPERTS + 1) ** param
+        return np.stack([rng.permutation(base) for _ in range(LAYERS)]) * 1e4
+    return rng.lognormal(0.0, param, (LAYERS, EXPERTS))
+
+
+def p50_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), out
+
+
+def bench_placement(load: npt.NDArray[np.float64], ranks: int, slots: int, reps: int) -> dict:
+    t_eep, placed = p50_ms(lambda: plan_placement(load, ranks, slots), reps)
+    t_base, base = p50_ms(lambda: baseline.plan(load, ranks, slots), max(1, reps // 2))
+    return {
+        "ranks": ranks,
+        "slots": slots,
+        "bal_eep": balancedness(placed, load),
+        "bal_base": baseline.balancedness(base, load),
+        "ms_eep": t_eep,
+        "ms_base": t_base,
+    }
+
+
+def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict:
+    name, old, new, slots, failed = case
+    current = plan_placement(load, old, slots)
+    t_eep, plan = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
+    sched = schedule_transfers(plan, EXPERT_BYTES, link_bandwidth=LINK_BANDWIDTH)
+    gone = list(failed) + list(range(old - 1, -1, -1))[: max(0, old - len(failed) - new)]
+    gone = [r for r in dict.fromkeys(gone)][: max(len(failed), old - new)]
+    old_base = baseline.plan(load, old, slots)
+    t_base, (new_base, copied) = p50_ms(
+        lambda: baseline.rescale(old_base, load, new, gone), max(1, reps // 2)
+    )
+    lb = plan.stats["lower_bound"]
+    base_in = copied.sum(axis=(0, 2))
+    return {
+        "scenario": name,
+        "bal_eep": plan.stats["balancedness_after"],
+        "bal_base": baseline.balancedness(new_base, load),
+        "copies_eep": plan.stats["copies"],
+        "copies_base": int(copied.sum()),
+        "lower_bound": lb,
+        "ratio_eep": plan.stats["copies"] / max(lb, 1),
+        "ratio_base": int(copied.sum()) / max(lb, 1),
+        "reloads": plan.stats["checkpoint_reloads"],
+        "gb_eep": plan.stats["copies"] * EXPERT_BYTES / 1e9,
+        "gb_base": int(copied.sum()) * EXPERT_BYTES / 1e9,
+        "max_in_gb": max(sched.rank_bytes_in.values(), default=0.0) / 1e9,
+        "max_out_gb": max(sched.rank_bytes_out.values(), default=0.0) / 1e9,
+        "base_max_in_gb": float(base_in.max()) * EXPERT_BYTES / 1e9,
+        "makespan_s": sched.makespan,
+        "makespan_lb_s": sched.makespan_lower_bound,
+        "makespan_ratio": sched.makespan / max(sched.makespan_lower_bound, 1e-12),
+        "rounds": len(sched.rounds),
+        "ms_eep": t_eep,
+        "ms_base": t_base,
+    }
+
+
+def run(quick: bool) -> dict:
+    loads = [("zipf", 1.0), ("zipf", 1.5)] if quick else [
+        ("zipf", 0.5), ("zipf", 1.0), ("zipf", 1.2), ("zipf", 1.5),
+        ("lognormal", 0.5), ("lognormal", 1.0),
+    ]  # fmt: skip
+    reps = 3 if quick else 7
+    out: dict[str, Any] = {"layers": LAYERS, "experts": EXPERTS, "expert_bytes": EXPERT_BYTES,
+                           "placement": [], "rescale": []}  # fmt: skip
+    for kind, param in loads:
+        load = make_load(kind, param)
+        label = f"{kind} {param}"
+        for ranks, slots in PLACEMENTS:
+            out["placement"].append({"load": label, **bench_placement(load, ranks, slots, reps)})
+        for case in RESCALES:
+            out["rescale"].append({"load": label, **bench_rescale(load, case, reps)})
+    return out
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 172))
+    t = Table(title="Placement (58 x 256): balancedness and p50 planner time")
+    for col in ("load", "R x S", "bal eep", "bal base", "eep/base", "ms eep", "ms base"):
+        t.add_column(col, justify="right")
+    for r in result["placement"]:
+        t.add_row(
+            r["load"], f"{r['ranks']}x{r['slots']}", f"{r['bal_eep']:.4f}",
+            f"{r['bal_base']:.4f}", f"{r['bal_eep'] / r['bal_base']:.3f}",
+            f"{r['ms_eep']:.1f}", f"{r['ms_base']:.1f}",
+        )  # fmt: skip
+    console.print(t)
+    t = Table(title="Rescale (44 MB/expert): copies vs the lower bound, balance, transfer time")
+    cols = ("load", "scenario", "bal eep", "bal base", "copies eep", "base", "LB", "eep/LB",
+            "base/LB", "GB eep", "GB base", "max in GB", "max out GB", "makespan/LB",
+            "ms eep", "ms base")  # fmt: skip
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in result["rescale"]:
+        t.add_row(
+            r["load"], r["scenario"], f"{r['bal_eep']:.4f}", f"{r['bal_base']:.4f}",
+            str(r["copies_eep"]), str(r["copies_base"]), str(r["lower_bound"]),
+            f"{r['ratio_eep']:.2f}", f"{r['ratio_base']:.2f}", f"{r['gb_eep']:.0f}",
+            f"{r['gb_base']:.0f}", f"{r['max_in_gb']:.1f}", f"{r['max_out_gb']:.1f}",
+            f"{r['makespan_ratio']:.3f}", f"{r['ms_eep']:.0f}", f"{r['ms_base']:.0f}",
+        )  # fmt: skip
+    console.print(t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="fewer loads and repeats")
+    args = parser.parse_args()
+    result = run(args.quick)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render(result)
+
+
+if __name__ == "__main__":
+    main()

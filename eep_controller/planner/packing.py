@@ -1,0 +1,186 @@
+"""Filling free slots with pending replicas: heaviest first onto the lightest rank (LPT).
+
+Placements inside the planner are batched as int64 [B, R, S] arrays (B = layers, or layers x
+candidates); -1 marks a free slot. Every function here keeps "no rank holds two replicas of
+one expert" and exactly S slots per rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
+
+
+def count_replicas(phy: IntArray, num_experts: int) -> IntArray:
+    """Replicas per expert [B, E] of a batched placement [B, R, S]; free slots (-1) ignored."""
+    batch = phy.shape[0]
+    flat = phy.reshape(batch, -1)
+    offsets = (np.arange(batch, dtype=np.int64) * num_experts)[:, None]
+    ids = np.where(flat >= 0, flat + offsets, batch * num_experts)
+    counts = np.bincount(ids.ravel(), minlength=batch * num_experts + 1)
+    return counts[: batch * num_experts].reshape(batch, num_experts).astype(np.int64)
+
+
+def holdings(phy: IntArray, num_experts: int) -> BoolArray:
+    """has[b, r, e]: rank r holds a replica of expert e in row b (free slots ignored)."""
+    batch, ranks, _ = phy.shape
+    has = np.zeros((batch, ranks, num_experts + 1), dtype=bool)
+    b_idx = np.arange(batch)[:, None, None]
+    r_idx = np.arange(ranks)[None, :, None]
+    has[b_idx, r_idx, np.where(phy >= 0, phy, num_experts)] = True
+    return has[:, :, :num_experts]
+
+
+def slot_weights(phy: IntArray, weight: FloatArray, counts: IntArray) -> FloatArray:
+    """Load carried by each slot [B, R, S]: its expert's load split over the expert's replicas."""
+    b_idx = np.arange(phy.shape[0])[:, None, None]
+    safe = np.where(phy >= 0, phy, 0)
+    share = weight[b_idx, safe] / np.maximum(counts[b_idx, safe], 1)
+    return np.where(phy >= 0, share, 0.0)
+
+
+def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:
+    """Fill every free slot of `phy` so that expert e ends with `counts[b, e]` replicas.
+
+    Pending replicas go heaviest first to the lightest rank that has a free slot and does not
+    hold the expert yet; the rare dead end is fixed afterwards by `separate_duplicates`. The
+    number of free slots of each row must equal its number of pending replicas.
+    """
+    phy = phy.copy()
+    batch, ranks, _ = phy.shape
+    num_experts = weight.shape[1]
+    pending = counts - count_replicas(phy, num_experts)
+    if np.any(pending < 0):
+        raise AssertionError("placement holds more replicas than the target counts")
+    per_row = pending.sum(axis=1)
+    if per_row.max(initial=0) == 0:
+        return phy
+    row_of = np.repeat(np.repeat(np.arange(batch), num_experts), pending.ravel())
+    expert_of = np.repeat(np.tile(np.arange(num_experts), batch), pending.ravel())
+    item_w = weight[row_of, expert_of] / counts[row_of, expert_of]
+    order = np.lexsort((expert_of, -item_w, row_of))
+    row_of, expert_of, item_w = row_of[order], expert_of[order], item_w[order]
+    starts = np.concatenate(([0], np.cumsum(per_row)[:-1]))
+    pos = np.arange(row_of.size) - starts[row_of]
+    width = int(per_row.max())
+    items = np.full((batch, width), -1, dtype=np.int64)
+    items_w = np.zeros((batch, width))
+    items[row_of, pos] = expert_of
+    items_w[row_of, pos] = item_w
+
+    has = holdings(phy, num_experts)
+    loads = slot_weights(phy, weight, counts).sum(axis=2)
+    free = (phy < 0).sum(axis=2)
+    rank_idx = np.arange(ranks)[None, :]
+    stuck_any = False
+    for k in range(width):
+        rows = np.flatnonzero(items[:, k] >= 0)
+        if rows.size == 0:
+            break
+        expert = items[rows, k]
+        open_rank = free[rows] > 0
+        holds = has[rows[:, None], rank_idx, expert[:, None]]
+        cost = np.where(open_rank & ~holds, loads[rows], np.inf)
+        rank = np.argmin(cost, axis=1)
+        stuck = np.isinf(cost[np.arange(rows.size), rank])
+        if stuck.any():
+            stuck_any = True
+            fallback = np.argmin(np.where(open_rank, loads[rows], np.inf), axis=1)
+            rank = np.where(stuck, fallback, rank)
+        slot = np.argmax(phy[rows, rank, :] < 0, axis=1)
+        phy[rows, rank, slot] = expert
+        loads[rows, rank] += items_w[rows, k]
+        free[rows, rank] -= 1
+        has[rows, rank, expert] = True
+    if stuck_any:
+        separate_duplicates(phy, weight, counts)
+    return phy
+
+
+def fill_empty(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -> IntArray:
+    """Place `counts` [B, E] replicas on empty ranks, one replica per rank per round.
+
+    Replicas sorted heaviest first are dealt in rounds of R: in each round the heaviest goes
+    to the rank with the least load so far. Each rank ends with exactly `slots` replicas.
+    """
+    batch, num_experts = weight.shape
+    share = weight / np.maximum(counts, 1)
+    # sort (expert, replica) pairs by share, descending; expert id breaks ties
+    order = np.lexsort((np.broadcast_to(np.arange(num_experts), share.shape), -share), axis=1)
+    reps = np.take_along_axis(counts, order, axis=1)
+    items = np.repeat(order.ravel(), reps.ravel()).reshape(batch, num_ranks * slots)
+    item_w = np.take_along_axis(share, items, axis=1)
+    phy = np.empty((batch, num_ranks, slots), dtype=np.int64)
+    loads = np.zeros((batch, num_ranks))
+    has = np.zeros((batch, num_ranks, num_experts), dtype=bool)
+    rows = np.arange(batch)[:, None]
+    for k in range(slots):
+        ranks = np.argsort(loads, axis=1, kind="stable")
+        chunk = slice(k * num_ranks, (k + 1) * num_ranks)
+        dealt = items[:, chunk]
+        _untangle_round(ranks, dealt, has)
+        phy[rows, ranks, k] = dealt
+        loads[rows, ranks] += item_w[:, chunk]
+        has[rows, ranks, dealt] = True
+    separate_duplicates(phy, weight, counts)
+    return phy
+
+
+def _untangle_round(ranks: IntArray, dealt: IntArray, has: BoolArray) -> None:
+    """Re-pair, in place, ranks of one round so no rank gets an expert it already holds.
+
+    Each conflict swaps ranks with the nearest position of the round that takes both
+    replicas; conflicts left (rare) are fixed by `separate_duplicates` afterwards.
+    """
+    positions = np.arange(ranks.shape[1])
+    for _ in range(ranks.shape[1]):
+        conflict = has[np.arange(ranks.shape[0])[:, None], ranks, dealt]
+        rows = np.flatnonzero(conflict.any(axis=1))
+        if rows.size == 0:
+            return
+        t = np.argmax(conflict[rows], axis=1)
+        expert = dealt[rows, t]
+        rank_t = ranks[rows, t]
+        their = dealt[rows]
+        fits = (their != expert[:, None]) & ~has[rows[:, None], rank_t[:, None], their]
+        fits &= ~has[rows[:, None], ranks[rows], expert[:, None]]
+        distance = np.where(fits, np.abs(positions[None, :] - t[:, None]), ranks.shape[1] + 1)
+        u = np.argmin(distance, axis=1)
+        movable = fits[np.arange(rows.size), u]
+        if not movable.any():
+            return
+        rows, t, u = rows[movable], t[movable], u[movable]
+        ranks[rows, t], ranks[rows, u] = ranks[rows, u], ranks[rows, t]
+
+
+def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
+    """Swap away, in place, every second replica of an expert on one rank.
+
+    A partner always exists while each count is <= R: some rank without the expert holds an
+    expert the crowded rank lacks. The swap partner is the slot of most similar load.
+    """
+    num_experts = weight.shape[1]
+    for _ in range(phy.shape[1] * phy.shape[2] + 1):
+        ordered = np.sort(phy, axis=2)
+        crowded = np.argwhere(np.any(ordered[:, :, 1:] == ordered[:, :, :-1], axis=2))
+        if crowded.size == 0:
+            return
+        for row, rank in crowded:
+            layer = phy[row]
+            values, first = np.unique(layer[rank], return_index=True)
+            repeated = np.setdiff1d(np.arange(layer.shape[1]), first)
+            share = weight[row] / np.maximum(counts[row], 1)
+            for slot in repeated:
+                expert = int(layer[rank, slot])
+                held = np.zeros((layer.shape[0], num_experts), dtype=bool)
+                np.put_along_axis(held, layer, True, axis=1)
+                fits = ~held[:, expert][:, None] & ~held[rank][layer]
+                gap = np.where(fits, np.abs(share[layer] - share[expert]), np.inf)
+                best = int(np.argmin(gap))
+                if not np.isfinite(gap.flat[best]):
+                    raise AssertionError(f"no swap separates expert {expert} on rank {rank}")
+                other, other_slot = divmod(best, layer.shape[1])
+                layer[rank, slot], layer[other, other_slot] = layer[other, other_slot], expert
+            del values
+    raise AssertionError("duplicate replicas could not be separated")

@@ -1,0 +1,214 @@
+"""Expert placements, their balancedness, and planning one from scratch."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from eep_controller.planner.packing import count_replicas, fill_empty, slot_weights
+from eep_controller.planner.refinement import pair_swaps, refine
+from eep_controller.planner.replication import filler_counts, greedy_counts
+from eep_controller.planner.validation import (
+    FloatArray,
+    IntArray,
+    checked_capacity,
+    checked_load,
+    checked_positive,
+)
+
+# Layers whose first plan balances below this get the replica-count search.
+SEARCH_BELOW = 0.99
+# Heaviest replica allowed, as a fraction of the mean rank load, for each searched candidate.
+REPLICA_CAPS = (0.97, 0.93, 0.9, 0.85)
+PAIR_STEPS = 8
+REFINE_UNTIL = 0.9999
+REFINE_STEPS = 60
+
+
+class Placement:
+    """Which logical expert every physical slot holds, per layer.
+
+    `phy2log[l, r * S + s]` is the expert in slot s of rank r in layer l (int64 [L, R * S]).
+    """
+
+    __slots__ = ("_num_experts", "phy2log", "slots_per_rank")
+
+    def __init__(
+        self, phy2log: npt.ArrayLike, slots_per_rank: int, *, num_experts: int | None = None
+    ) -> None:
+        arr = np.array(phy2log, dtype=np.int64)
+        slots = checked_positive("slots_per_rank", slots_per_rank)
+        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValueError(f"phy2log must have shape [layers, ranks * slots], got {arr.shape}")
+        if arr.shape[1] % slots:
+            raise ValueError(
+                f"phy2log has {arr.shape[1]} columns, not a multiple of {slots} slots per rank"
+            )
+        if arr.min() < 0:
+            raise ValueError("phy2log holds a negative expert id")
+        highest = int(arr.max()) + 1
+        if num_experts is None:
+            num_experts = highest
+        elif checked_positive("num_experts", num_experts) < highest:
+            raise ValueError(f"phy2log holds expert {highest - 1} but num_experts={num_experts}")
+        arr.setflags(write=False)
+        self.phy2log: IntArray = arr
+        self.slots_per_rank: int = slots
+        self._num_experts: int = int(num_experts)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.phy2log.shape[0])
+
+    @property
+    def num_ranks(self) -> int:
+        return int(self.phy2log.shape[1]) // self.slots_per_rank
+
+    @property
+    def num_experts(self) -> int:
+        return self._num_experts
+
+    def by_rank(self) -> IntArray:
+        """The same placement as [L, R, S]."""
+        return self.phy2log.reshape(self.num_layers, self.num_ranks, self.slots_per_rank)
+
+    def replica_counts(self) -> IntArray:
+        """Replicas of each expert per layer, int64 [L, E]."""
+        return count_replicas(self.by_rank(), self.num_experts)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Placement):
+            return NotImplemented
+        return (
+            self.slots_per_rank == other.slots_per_rank
+            and self.num_experts == other.num_experts
+            and np.array_equal(self.phy2log, other.phy2log)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Placement(layers={self.num_layers}, ranks={self.num_ranks}, "
+            f"slots_per_rank={self.slots_per_rank}, experts={self.num_experts})"
+        )
+
+
+def layer_balancedness(phy: IntArray, weight: FloatArray) -> FloatArray:
+    """Mean rank load / max rank load for each row of a batched placement [B, R, S]."""
+    counts = count_replicas(phy, weight.shape[1])
+    loads = slot_weights(phy, weight, counts).sum(axis=2)
+    top = loads.max(axis=1)
+    return np.where(top > 0, loads.mean(axis=1) / np.where(top > 0, top, 1.0), 1.0)
+
+
+def balancedness(placement: Placement, load: npt.ArrayLike) -> float:
+    """Mean over layers of (mean rank load / max rank load); 1.0 for a layer with no load.
+
+    An expert's load is split equally among its replicas.
+    """
+    weight = checked_load(load, num_layers=placement.num_layers, num_experts=placement.num_experts)
+    return float(layer_balancedness(placement.by_rank(), weight).mean())
+
+
+def _pack(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -> IntArray:
+    return pair_swaps(fill_empty(weight, counts, num_ranks, slots), weight, steps=PAIR_STEPS)
+
+
+def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntArray:
+    """Plan every row of `weight` [B, E] independently; returns [B, R, S]."""
+    batch = weight.shape[0]
+    total = num_ranks * slots_per_rank
+    best = _pack(weight, greedy_counts(weight, total, num_ranks), num_ranks, slots_per_rank)
+    score = layer_balancedness(best, weight)
+    weak = np.flatnonzero(score < SEARCH_BELOW)
+    if weak.size and num_ranks > 1:
+        tries = len(REPLICA_CAPS)
+        sub_w = np.tile(weight[weak], (tries, 1))
+        caps = np.repeat(np.asarray(REPLICA_CAPS), weak.size) * sub_w.sum(axis=1) / num_ranks
+        counts = filler_counts(sub_w, total, num_ranks, caps)
+        tried = _pack(sub_w, counts, num_ranks, slots_per_rank)
+        tried_score = layer_balancedness(tried, sub_w).reshape(tries, weak.size)
+        pick = np.argmax(tried_score, axis=0)
+        better = tried_score[pick, np.arange(weak.size)] > score[weak]
+        chosen = tried.reshape(tries, weak.size, num_ranks, slots_per_rank)
+        best[weak[better]] = chosen[pick[better], np.flatnonzero(better)]
+    empty = np.full((batch, num_ranks, slots_per_rank), -1, dtype=np.int64)
+    return refine(best, weight, empty, stop_at=REFINE_UNTIL, max_steps=REFINE_STEPS)
+
+
+def hierarchical_ok(
+    num_experts: int, num_ranks: int, num_nodes: int, num_groups: int | None
+) -> bool:
+    """True when groups can be pinned to nodes: groups split evenly over nodes and ranks too."""
+    return (
+        num_groups is not None
+        and num_nodes > 1
+        and num_groups % num_nodes == 0
+        and num_experts % num_groups == 0
+        and num_ranks % num_nodes == 0
+    )
+
+
+def plan_hierarchical(
+    weight: FloatArray, num_ranks: int, slots_per_rank: int, num_nodes: int, num_groups: int
+) -> IntArray:
+    """Pin expert groups to nodes (equal group count per node, LPT), then plan each node."""
+    layers, num_experts = weight.shape
+    group_size = num_experts // num_groups
+    per_node = num_groups // num_nodes
+    group_load = weight.reshape(layers, num_groups, group_size).sum(axis=2)
+    order = np.argsort(-group_load, axis=1, kind="stable")
+    node_load = np.zeros((layers, num_nodes))
+    node_groups = np.zeros((layers, num_nodes, per_node), dtype=np.int64)
+    rows = np.arange(layers)[:, None]
+    for k in range(per_node):
+        # each round gives one group to every node: heaviest group to the lightest node
+        chunk = order[:, k * num_nodes : (k + 1) * num_nodes]
+        nodes = np.argsort(node_load, axis=1, kind="stable")
+        node_groups[rows, nodes, k] = chunk
+        node_load[rows, nodes] += group_load[rows, chunk]
+    node_groups.sort(axis=2)
+    experts = (node_groups[..., None] * group_size + np.arange(group_size)).reshape(
+        layers, num_nodes, per_node * group_size
+    )
+    sub_weight = weight[rows[:, :, None], experts].reshape(layers * num_nodes, -1)
+    ranks_per_node = num_ranks // num_nodes
+    sub = plan_batch(sub_weight, ranks_per_node, slots_per_rank)
+    sub = sub.reshape(layers, num_nodes, ranks_per_node, slots_per_rank)
+    flat_experts = experts.reshape(layers, num_nodes, -1)
+    mapped = np.take_along_axis(
+        flat_experts[:, :, None, :], sub.reshape(layers, num_nodes, 1, -1), axis=3
+    )
+    return mapped.reshape(layers, num_ranks, slots_per_rank)
+
+
+def plan_placement(
+    load: npt.ArrayLike,
+    num_ranks: int,
+    slots_per_rank: int,
+    *,
+    num_nodes: int = 1,
+    num_groups: int | None = None,
+) -> Placement:
+    """Plan a balanced placement of `load` [L, E] on `num_ranks` x `slots_per_rank` slots.
+
+    Replica counts come from the greedy (largest load per replica first) and, for layers that
+    still balance poorly, a search over how much redundancy the hottest experts get; replicas
+    are packed heaviest first onto the lightest rank, then improved by swaps from the hottest
+    rank. Hierarchical (each expert group kept on one node) when `num_groups` and `num_nodes`
+    divide evenly, else global. Deterministic.
+    """
+    weight = checked_load(load)
+    ranks = checked_positive("num_ranks", num_ranks)
+    slots = checked_positive("slots_per_rank", slots_per_rank)
+    nodes = checked_positive("num_nodes", num_nodes)
+    if num_groups is not None:
+        checked_positive("num_groups", num_groups)
+    checked_capacity(ranks, slots, weight.shape[1])
+    if hierarchical_ok(weight.shape[1], ranks, nodes, num_groups):
+        assert num_groups is not None
+        phy = plan_hierarchical(weight, ranks, slots, nodes, num_groups)
+    else:
+        phy = plan_batch(weight, ranks, slots)
+    return Placement(phy.reshape(weight.shape[0], -1), slots, num_experts=weight.shape[1])

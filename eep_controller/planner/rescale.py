@@ -1,0 +1,427 @@
+"""Migration-aware rescale: from the current placement to one for a new rank count.
+
+Surviving replicas stay in their slots ("sticky"); the planner only decides which redundant
+replicas to drop, what goes into the free and new slots, and then buys balance with a
+bounded number of swaps, each charged for the weight copies it adds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from eep_controller.planner.packing import (
+    count_replicas,
+    fill_free_slots,
+    holdings,
+    slot_weights,
+)
+from eep_controller.planner.placement import Placement, layer_balancedness, plan_batch
+from eep_controller.planner.refinement import refine
+from eep_controller.planner.validation import (
+    FloatArray,
+    IntArray,
+    checked_capacity,
+    checked_load,
+    checked_positive,
+    checked_ranks,
+)
+
+# Gain (in mean rank loads) a swap must bring for each weight copy it adds.
+COPY_PENALTY = 0.005
+# A layer stops buying balance with copies once it balances this well.
+GOOD_ENOUGH = 0.993
+REFINE_STEPS = 150
+# Layers still below this after the sticky plan are re-planned from scratch and relabelled,
+# and the fresh plan is kept when it balances better by more than FALLBACK_GAIN, within a
+# total of FALLBACK_BUDGET x the copy lower bound.
+FALLBACK_BELOW = 0.97
+FALLBACK_GAIN = 0.01
+FALLBACK_BUDGET = 3.0
+LIGHT_RANKS = 3
+
+
+@dataclass(frozen=True, order=True)
+class Transfer:
+    """One expert weight copy: `src_rank` in the old numbering (-1 = reload from checkpoint),
+    `dst_rank` in the new numbering, `dst_slot` the slot index within the destination rank."""
+
+    layer: int
+    expert: int
+    src_rank: int
+    dst_rank: int
+    dst_slot: int
+
+
+@dataclass(frozen=True)
+class RescalePlan:
+    """A new placement (new numbering), where each old rank went, and the copies to make."""
+
+    placement: Placement
+    rank_map: IntArray  # int64 [old R]: new rank index, or -1 when the rank leaves
+    transfers: list[Transfer]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def choose_removed_ranks(
+    current: Placement,
+    load: npt.ArrayLike | None,
+    count: int,
+    failed_ranks: Sequence[int] = (),
+) -> tuple[int, ...]:
+    """The `count` ranks cheapest to remove (besides the failed ones), sorted.
+
+    Greedy: each pick orphans the fewest (layer, expert) pairs given the ranks already gone;
+    ties go to the rank carrying the least load, then to the highest index.
+    """
+    failed = checked_ranks("failed_ranks", failed_ranks, current.num_ranks)
+    if count < 0 or count > current.num_ranks - len(failed) - 1:
+        raise ValueError(
+            f"cannot remove {count} ranks from {current.num_ranks} with {len(failed)} failed"
+        )
+    phy = current.by_rank()
+    has = holdings(phy, current.num_experts)  # [L, R, E]
+    if load is None:
+        weight = np.zeros((current.num_layers, current.num_experts))
+    else:
+        weight = checked_load(load, num_layers=current.num_layers, num_experts=current.num_experts)
+    rank_load = slot_weights(phy, weight, current.replica_counts()).sum(axis=(0, 2))
+    gone = np.zeros(current.num_ranks, dtype=bool)
+    gone[list(failed)] = True
+    chosen: list[int] = []
+    for _ in range(count):
+        live = has & ~gone[None, :, None]
+        alone = live.sum(axis=1) == 1  # [L, E]: only one live holder left
+        orphans = (live & alone[:, None, :]).sum(axis=(0, 2)).astype(np.float64)
+        key = np.where(gone, np.inf, orphans)
+        best = np.flatnonzero(key == key.min())
+        tied_load = rank_load[best]
+        best = best[tied_load == tied_load.min()]
+        pick = int(best[-1])
+        gone[pick] = True
+        chosen.append(pick)
+    return tuple(sorted(chosen))
+
+
+def _departures(
+    current: Placement,
+    load: FloatArray,
+    new_num_ranks: int,
+    removed_ranks: Sequence[int] | None,
+    failed_ranks: Sequence[int],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated (removed, failed) ranks; chooses the removed ones when not given."""
+    old = current.num_ranks
+    failed = checked_ranks("failed_ranks", failed_ranks, old)
+    if removed_ranks is None:
+        need = max(0, old - len(failed) - new_num_ranks)
+        removed = choose_removed_ranks(current, load, need, failed) if need else ()
+    else:
+        removed = checked_ranks("removed_ranks", removed_ranks, old)
+        both = sorted(set(removed) & set(failed))
+        if both:
+            raise ValueError(f"removed_ranks and failed_ranks both name rank(s) {both}")
+    survivors = old - len(removed) - len(failed)
+    if survivors < 1:
+        raise ValueError("removed_ranks and failed_ranks leave no surviving rank")
+    if survivors > new_num_ranks:
+        raise ValueError(
+            f"{survivors} ranks survive, more than new_num_ranks={new_num_ranks}; "
+            f"name more removed_ranks"
+        )
+    return removed, failed
+
+
+def copy_lower_bound(
+    current: Placement,
+    new_num_ranks: int,
+    removed_ranks: Sequence[int] | None = None,
+    failed_ranks: Sequence[int] = (),
+) -> int:
+    """Fewest weight copies any plan with S fixed per rank needs, summed over layers.
+
+    Per layer: every slot of an appended rank must be written (new ranks x S), and every
+    expert left with no replica on a surviving rank (an orphan) must be written somewhere;
+    orphans can land in new slots, so the layer needs max(new ranks x S, orphans). Pure
+    scale-up gives L x new ranks x S; scale-down or failure gives the orphan count. With
+    `removed_ranks=None` the ranks `choose_removed_ranks` would pick (on zero load) are used.
+    """
+    zero = np.zeros((current.num_layers, current.num_experts))
+    removed, failed = _departures(current, zero, new_num_ranks, removed_ranks, failed_ranks)
+    gone = set(removed) | set(failed)
+    survivors = [r for r in range(current.num_ranks) if r not in gone]
+    new_slots = (new_num_ranks - len(survivors)) * current.slots_per_rank
+    kept = count_replicas(current.by_rank()[:, survivors], current.num_experts)
+    orphans = (kept == 0).sum(axis=1)
+    return int(np.maximum(orphans, new_slots).sum())
+
+
+def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: int) -> None:
+    """Raise counts, in place, until each row wants `total` replicas (slots stay free).
+
+    While the hottest placed rank is above the mean rank load, the next replica goes to one
+    of its experts, which unloads it without moving anything; otherwise to any expert. Among
+    those, the pick is the expert whose new share is closest to what each remaining free
+    slot should carry for the free slots to end at the mean rank load. An expert never gets
+    more pending replicas than there are ranks with a free slot that lack it.
+    """
+    has = holdings(phy, weight.shape[1])
+    free_rank = np.any(phy < 0, axis=2)  # [B, R]
+    free_count = free_rank.sum(axis=1).astype(np.float64)
+    room = (free_rank[:, :, None] & ~has).sum(axis=1)  # [B, E]
+    pending = counts - count_replicas(phy, weight.shape[1])
+    level = weight.sum(axis=1) / phy.shape[1]
+    missing = total - counts.sum(axis=1)
+    all_loads = slot_weights(phy, weight, counts).sum(axis=2)
+    for _ in range(int(missing.max(initial=0))):
+        rows = np.flatnonzero(missing > 0)
+        if rows.size == 0:
+            break
+        n = np.arange(rows.size)[:, None]
+        cnt = counts[rows]
+        w = weight[rows]
+        share = w / cnt
+        sub = phy[rows]
+        loads = all_loads[rows]
+        hot = np.argmax(loads, axis=1)
+        growable = pending[rows] < room[rows]
+        # the share each remaining free slot should carry for free slots to end at the mean
+        room_left = free_count[rows] * level[rows] - (pending[rows] * share).sum(axis=1)
+        target = np.maximum(room_left, 0.0) / missing[rows]
+        after = w / (cnt + 1)
+        fit = np.where(growable, -np.abs(after - target[:, None]), -np.inf)
+        on_hot = sub[n[:, 0], hot]  # [n, S]
+        safe = np.maximum(on_hot, 0)
+        local_fit = np.where(on_hot >= 0, fit[n, safe], -np.inf)
+        local = safe[n[:, 0], np.argmax(local_fit, axis=1)]
+        usable = (loads[n[:, 0], hot] > level[rows]) & np.isfinite(local_fit.max(axis=1))
+        expert = np.where(usable, local, np.argmax(fit, axis=1))
+        # every placed replica of the expert now carries a smaller share
+        cut = share[n[:, 0], expert] - after[n[:, 0], expert]
+        all_loads[rows] -= has[rows, :, expert] * cut[:, None]
+        counts[rows, expert] += 1
+        pending[rows, expert] += 1
+        missing[rows] -= 1
+
+
+def _choose_sources(old_has: npt.NDArray[np.bool_], layer: IntArray, expert: IntArray) -> IntArray:
+    """A live old holder for each copy, spreading the sends; -1 when no live rank holds it."""
+    num_old = old_has.shape[1]
+    holders = old_has[layer, :, expert]  # [T, R_old]
+    count = holders.sum(axis=1)
+    src = np.full(layer.size, -1, dtype=np.int64)
+    sent = np.zeros(num_old)
+    order = np.lexsort((np.arange(layer.size), count))
+    order = order[count[order] > 0]
+    chunk = max(1, num_old // 2)
+    rank_ids = np.arange(num_old)
+    for start in range(0, order.size, chunk):
+        idx = order[start : start + chunk]
+        # rotate tie-breaks so one chunk does not pile onto one rank
+        tie = ((rank_ids[None, :] - np.arange(idx.size)[:, None]) % num_old) / (2.0 * num_old)
+        cost = np.where(holders[idx], sent[None, :] + tie, np.inf)
+        pick = np.argmin(cost, axis=1)
+        src[idx] = pick
+        sent += np.bincount(pick, minlength=num_old)
+    return src
+
+
+def _target_counts(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
+    """Replica counts to aim for: every surviving replica (orphans get one), trimmed to
+    `total` by the greedy in reverse (drop where the remaining share stays smallest)."""
+    counts = np.maximum(count_replicas(phy, weight.shape[1]), 1)
+    excess = counts.sum(axis=1) - total
+    for _ in range(int(excess.max(initial=0))):
+        rows = np.flatnonzero(excess > 0)
+        if rows.size == 0:
+            break
+        cnt = counts[rows]
+        loss = np.where(cnt >= 2, weight[rows] / np.maximum(cnt - 1, 1), np.inf)
+        counts[rows, np.argmin(loss, axis=1)] -= 1
+        excess[rows] -= 1
+    return counts
+
+
+def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
+    """Free, in place, the slots of replicas beyond `counts`, hottest ranks first."""
+    surplus = count_replicas(phy, weight.shape[1]) - counts
+    left = np.maximum(surplus, 0).sum(axis=1)
+    for _ in range(int(left.max(initial=0))):
+        rows = np.flatnonzero(left > 0)
+        if rows.size == 0:
+            break
+        n = np.arange(rows.size)
+        sub = phy[rows]
+        loads = slot_weights(sub, weight[rows], counts[rows]).sum(axis=2)
+        over = (sub >= 0) & (surplus[rows][n[:, None, None], np.maximum(sub, 0)] > 0)
+        score = np.where(over, loads[:, :, None], -np.inf).reshape(rows.size, -1)
+        pick = np.argmax(score, axis=1)
+        rank, slot = np.divmod(pick, phy.shape[2])
+        expert = sub[n, rank, slot]
+        phy[rows, rank, slot] = -1
+        surplus[rows, expert] -= 1
+        left[rows] -= 1
+
+
+def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
+    """`fresh` [B, R, S] with its ranks re-ordered, and slots within a rank permuted, to
+    keep as many experts as possible where `origin` already has them (greedy matching of
+    ranks by overlap, then each kept expert back in its old slot)."""
+    batch, ranks = fresh.shape[:2]
+    num_experts = int(max(fresh.max(), origin.max())) + 1
+    f_has = holdings(fresh, num_experts).astype(np.float32)
+    o_has = holdings(origin, num_experts).astype(np.float32)
+    overlap = np.einsum("bie,bje->bij", f_has, o_has)  # fresh rank i vs current rank j
+    out = np.empty_like(fresh)
+    for b in range(batch):
+        score = overlap[b].copy()
+        for _ in range(ranks):
+            i, j = divmod(int(np.argmax(score)), ranks)
+            score[i, :] = -1.0
+            score[:, j] = -1.0
+            wanted = fresh[b, i]
+            old = origin[b, j]
+            stay = np.isin(old, wanted) & (old >= 0)
+            row = np.where(stay, old, -1)
+            row[~stay] = wanted[~np.isin(wanted, old[stay])]
+            out[b, j] = row
+    return out
+
+
+def _fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: int) -> None:
+    """Re-plan, in place, layers the sticky plan balanced below FALLBACK_BELOW, keeping a
+    fresh (relabelled) plan where it balances better, best gain per extra copy first, while
+    the total stays within FALLBACK_BUDGET x the copy lower bound."""
+    before = layer_balancedness(phy, weight)
+    weak = np.flatnonzero(before < FALLBACK_BELOW)
+    if weak.size == 0:
+        return
+    fresh = _relabel(plan_batch(weight[weak], phy.shape[1], phy.shape[2]), origin[weak])
+    gain = layer_balancedness(fresh, weight[weak]) - before[weak]
+    copies = (phy != origin).sum(axis=(1, 2))
+    extra = (fresh != origin[weak]).sum(axis=(1, 2)) - copies[weak]
+    budget = FALLBACK_BUDGET * max(lower_bound, 1) - int(copies.sum())
+    for k in np.lexsort((np.arange(weak.size), -gain / np.maximum(extra, 1))):
+        if gain[k] <= FALLBACK_GAIN or extra[k] > budget:
+            continue
+        phy[weak[k]] = fresh[k]
+        budget -= int(extra[k])
+
+
+def plan_rescale(
+    current: Placement,
+    load: npt.ArrayLike,
+    new_num_ranks: int,
+    *,
+    removed_ranks: Sequence[int] | None = None,
+    failed_ranks: Sequence[int] = (),
+    num_nodes: int = 1,
+    num_groups: int | None = None,
+) -> RescalePlan:
+    """Plan the move from `current` to `new_num_ranks` ranks with S slots each.
+
+    Surviving ranks (neither removed nor failed) are renumbered compactly in order; new ranks
+    are appended. `removed_ranks` (graceful; still able to send) are chosen when None.
+    `failed_ranks` cannot send: an expert whose every live copy is gone is reloaded from the
+    checkpoint (src_rank -1). Same rank count and no departures is a rebalance. Surviving
+    replicas keep their slots unless moving them buys enough balance. Deterministic.
+    `num_nodes` and `num_groups` are accepted for symmetry with `plan_placement`; the
+    rescale itself is global (locality is not enforced).
+    """
+    if not isinstance(current, Placement):
+        raise ValueError("current must be a Placement")
+    weight = checked_load(load, num_layers=current.num_layers, num_experts=current.num_experts)
+    new_ranks = checked_positive("new_num_ranks", new_num_ranks)
+    checked_positive("num_nodes", num_nodes)
+    if num_groups is not None:
+        checked_positive("num_groups", num_groups)
+    slots = current.slots_per_rank
+    num_experts = current.num_experts
+    checked_capacity(new_ranks, slots, num_experts)
+    removed, failed = _departures(current, weight, new_ranks, removed_ranks, failed_ranks)
+    gone = set(removed) | set(failed)
+    survivors = np.array([r for r in range(current.num_ranks) if r not in gone], dtype=np.int64)
+    rank_map = np.full(current.num_ranks, -1, dtype=np.int64)
+    rank_map[survivors] = np.arange(survivors.size)
+    layers = current.num_layers
+
+    old = current.by_rank()
+    origin = np.full((layers, new_ranks, slots), -1, dtype=np.int64)
+    origin[:, : survivors.size] = old[:, survivors]
+    phy = origin.copy()
+    # a rank holding one expert twice keeps only the first
+    ordered = np.argsort(phy, axis=2, kind="stable")
+    sorted_vals = np.take_along_axis(phy, ordered, axis=2)
+    repeat = np.zeros_like(phy, dtype=bool)
+    repeat[..., 1:] = (sorted_vals[..., 1:] == sorted_vals[..., :-1]) & (sorted_vals[..., 1:] >= 0)
+    dup = np.zeros_like(repeat)
+    np.put_along_axis(dup, ordered, repeat, axis=2)
+    phy[dup] = -1
+
+    total = new_ranks * slots
+    counts = _target_counts(phy, weight, total)
+    _drop_surplus(phy, weight, counts)
+    _add_replicas(phy, weight, counts, total)
+    phy = fill_free_slots(phy, weight, counts)
+    phy = refine(
+        phy,
+        weight,
+        origin,
+        penalty=COPY_PENALTY,
+        stop_at=GOOD_ENOUGH,
+        max_steps=REFINE_STEPS,
+        light_ranks=LIGHT_RANKS,
+    )
+
+    lower_bound = copy_lower_bound(current, new_ranks, removed, failed)
+    _fallback(phy, weight, origin, lower_bound)
+
+    changed = np.argwhere(phy != origin)  # rows of (layer, dst_rank, dst_slot), sorted
+    layer_of, dst_rank, dst_slot = changed[:, 0], changed[:, 1], changed[:, 2]
+    expert_of = phy[layer_of, dst_rank, dst_slot]
+    old_has = holdings(old, num_experts)
+    if failed:
+        old_has[:, list(failed), :] = False
+    src = _choose_sources(old_has, layer_of, expert_of)
+    transfers = [
+        Transfer(int(lay), int(exp), int(s), int(dr), int(ds))
+        for lay, exp, s, dr, ds in zip(
+            layer_of.tolist(),
+            expert_of.tolist(),
+            src.tolist(),
+            dst_rank.tolist(),
+            dst_slot.tolist(),
+            strict=True,
+        )
+    ]
+    placement = Placement(phy.reshape(layers, -1), slots, num_experts=num_experts)
+    stats: dict[str, float] = {
+        "copies": len(transfers),
+        "lower_bound": lower_bound,
+        "balancedness_before": float(layer_balancedness(old, weight).mean()),
+        "balancedness_after": float(layer_balancedness(phy, weight).mean()),
+        "checkpoint_reloads": int((src < 0).sum()),
+        "removed_ranks": len(removed),
+        "failed_ranks": len(failed),
+        "new_ranks": int(new_ranks - survivors.size),
+    }
+    return RescalePlan(placement, rank_map, transfers, stats)
+
+
+def apply_transfers(old: Placement, plan: RescalePlan) -> IntArray:
+    """The old placement re-indexed through `plan.rank_map` with every transfer written.
+
+    Returns int64 [L, new R * S]; a slot nobody wrote stays -1. Equals
+    `plan.placement.phy2log` for a correct plan.
+    """
+    new_ranks = plan.placement.num_ranks
+    slots = old.slots_per_rank
+    out = np.full((old.num_layers, new_ranks, slots), -1, dtype=np.int64)
+    keep = np.flatnonzero(plan.rank_map >= 0)
+    out[:, plan.rank_map[keep]] = old.by_rank()[:, keep]
+    for t in plan.transfers:
+        out[t.layer, t.dst_rank, t.dst_slot] = t.expert
+    return out.reshape(old.num_layers, -1)

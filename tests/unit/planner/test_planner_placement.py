@@ -1,0 +1,110 @@
+"""plan_placement and balancedness: a valid, balanced, deterministic placement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from planner_checks import assert_valid_placement, zipf_load
+
+from eep_controller.planner import Placement, balancedness, plan_placement
+
+
+@st.composite
+def shapes_and_loads(draw: st.DrawFn) -> tuple[np.ndarray, int, int]:
+    layers = draw(st.integers(1, 3))
+    experts = draw(st.integers(1, 24))
+    ranks = draw(st.integers(1, 8))
+    low = max(1, -(-experts // ranks))
+    slots = draw(st.integers(low, max(low, min(experts, low + 3))))
+    kind = draw(st.sampled_from(["uniform", "zipf", "zero", "spiky", "random"]))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    if kind == "uniform":
+        load = np.ones((layers, experts))
+    elif kind == "zipf":
+        load = zipf_load(layers, experts, draw(st.floats(0.0, 3.0)), seed)
+    elif kind == "zero":
+        load = np.zeros((layers, experts))
+    elif kind == "spiky":
+        load = np.zeros((layers, experts))
+        load[:, rng.integers(experts)] = 1e12
+    else:
+        load = rng.integers(0, 5, (layers, experts)).astype(float)
+    return load, ranks, slots
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes_and_loads())
+def test_placement_is_valid_for_any_shape_and_load(case: tuple[np.ndarray, int, int]) -> None:
+    load, ranks, slots = case
+    p = plan_placement(load, ranks, slots)
+    assert_valid_placement(p, load.shape[1], ranks, slots)
+    assert 0.0 <= balancedness(p, load) <= 1.0 + 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes_and_loads())
+def test_placement_is_deterministic(case: tuple[np.ndarray, int, int]) -> None:
+    load, ranks, slots = case
+    assert plan_placement(load, ranks, slots) == plan_placement(load, ranks, slots)
+
+
+@pytest.mark.parametrize(("ranks", "slots"), [(1, 4), (4, 1), (2, 2), (3, 4)])
+def test_edge_shapes_are_handled(ranks: int, slots: int) -> None:
+    experts = min(ranks * slots, 4)
+    load = zipf_load(2, experts, 1.0)
+    assert_valid_placement(plan_placement(load, ranks, slots), experts, ranks, slots)
+
+
+def test_one_expert_fills_every_rank_once() -> None:
+    p = plan_placement(np.ones((2, 1)), 5, 1)
+    assert p.replica_counts().tolist() == [[5], [5]]
+
+
+def test_no_spare_replica_capacity_is_handled() -> None:
+    # 2 experts on 2 ranks x 2 slots: every expert must sit on every rank
+    p = plan_placement(np.array([[100.0, 1.0]]), 2, 2)
+    assert p.replica_counts().tolist() == [[2, 2]]
+
+
+def test_more_slots_than_experts_is_rejected() -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        plan_placement(np.ones((1, 1)), 1, 2)
+
+
+def test_zipf_load_is_balanced_well() -> None:
+    load = zipf_load(4, 64, 1.0, seed=1)
+    assert balancedness(plan_placement(load, 8, 9), load) > 0.99
+
+
+def test_hierarchical_placement_keeps_each_group_on_one_node() -> None:
+    load = zipf_load(3, 32, 1.0, seed=2)
+    p = plan_placement(load, 8, 6, num_nodes=2, num_groups=4)
+    assert_valid_placement(p, 32, 8, 6)
+    node_of_rank = np.arange(8) // 4
+    for layer in p.by_rank():
+        group_nodes: dict[int, set[int]] = {}
+        for rank, experts in enumerate(layer):
+            for e in experts:
+                group_nodes.setdefault(int(e) // 8, set()).add(int(node_of_rank[rank]))
+        assert all(len(nodes) == 1 for nodes in group_nodes.values())
+
+
+def test_balancedness_splits_an_expert_load_over_its_replicas() -> None:
+    # rank 0 holds expert 0 (load 4, 2 replicas -> 2) and rank 1 holds expert 0 and 1 (2+2)
+    p = Placement(np.array([[0, 2, 0, 1]]), 2)
+    load = np.array([[4.0, 2.0, 0.0]])
+    assert balancedness(p, load) == pytest.approx(3.0 / 4.0)
+
+
+def test_balancedness_of_a_layer_without_load_is_one() -> None:
+    p = Placement(np.array([[0, 1]]), 1)
+    assert balancedness(p, np.zeros((1, 2))) == 1.0
+
+
+def test_placement_reports_its_shape() -> None:
+    p = Placement(np.array([[0, 1, 2, 0], [2, 1, 0, 1]]), 2, num_experts=4)
+    assert (p.num_layers, p.num_ranks, p.num_experts) == (2, 2, 4)
+    assert p.replica_counts().tolist() == [[2, 1, 1, 0], [1, 2, 1, 0]]

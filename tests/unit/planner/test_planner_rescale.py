@@ -1,0 +1,161 @@
+"""plan_rescale: valid, sticky, reproducible plans for scale-up, scale-down and failure."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from planner_checks import assert_valid_placement, assert_valid_plan, zipf_load
+
+from eep_controller.planner import (
+    Placement,
+    balancedness,
+    choose_removed_ranks,
+    copy_lower_bound,
+    plan_placement,
+    plan_rescale,
+)
+
+
+@st.composite
+def rescale_cases(draw: st.DrawFn) -> dict[str, object]:
+    layers = draw(st.integers(1, 3))
+    experts = draw(st.integers(1, 20))
+    slots = draw(st.integers(1, min(5, experts)))
+    min_ranks = max(1, -(-experts // slots))
+    old = draw(st.integers(min_ranks, min_ranks + 5))
+    seed = draw(st.integers(0, 2**16))
+    skew = draw(st.sampled_from([0.0, 1.0, 2.5]))
+    load = zipf_load(layers, experts, skew, seed)
+    if draw(st.booleans()):
+        load[:, : experts // 2] = 0.0
+    failed = draw(st.lists(st.integers(0, old - 1), max_size=2, unique=True))
+    alive = old - len(failed)
+    new = draw(st.integers(max(min_ranks, 1), min_ranks + 6))
+    removed: list[int] | None = None
+    if alive < 1:
+        failed = []
+        alive = old
+    if new < alive and draw(st.booleans()):
+        pool = [r for r in range(old) if r not in failed]
+        removed = draw(st.permutations(pool))[: alive - new]
+    new_load = load * np.random.default_rng(seed + 1).lognormal(0, 0.3, load.shape)
+    return {
+        "current": plan_placement(load, old, slots),
+        "load": new_load,
+        "new": new,
+        "removed": removed,
+        "failed": tuple(failed),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(rescale_cases())
+def test_rescale_plan_satisfies_every_invariant(case: dict[str, object]) -> None:
+    current = case["current"]
+    assert isinstance(current, Placement)
+    failed = case["failed"]
+    assert isinstance(failed, tuple)
+    new = case["new"]
+    assert isinstance(new, int)
+    plan = plan_rescale(
+        current,
+        case["load"],  # type: ignore[arg-type]
+        new,
+        removed_ranks=case["removed"],  # type: ignore[arg-type]
+        failed_ranks=failed,
+    )
+    assert_valid_placement(plan.placement, current.num_experts, new, current.slots_per_rank)
+    assert_valid_plan(current, plan, failed)
+    assert plan.stats["copies"] == len(plan.transfers)
+    assert plan.stats["copies"] >= plan.stats["lower_bound"]
+
+
+@settings(max_examples=10, deadline=None)
+@given(rescale_cases())
+def test_rescale_is_deterministic(case: dict[str, object]) -> None:
+    args = (case["current"], case["load"], case["new"])
+    kw = {"removed_ranks": case["removed"], "failed_ranks": case["failed"]}
+    a = plan_rescale(*args, **kw)  # type: ignore[arg-type]
+    b = plan_rescale(*args, **kw)  # type: ignore[arg-type]
+    assert a.placement == b.placement
+    assert a.transfers == b.transfers
+    assert np.array_equal(a.rank_map, b.rank_map)
+
+
+def test_scale_up_keeps_old_ranks_and_appends_new_ones() -> None:
+    load = zipf_load(2, 16, 1.0)
+    plan = plan_rescale(plan_placement(load, 4, 5), load, 6)
+    assert plan.rank_map.tolist() == [0, 1, 2, 3]
+    assert plan.placement.num_ranks == 6
+
+
+def test_scale_up_writes_every_slot_of_a_new_rank() -> None:
+    load = zipf_load(2, 16, 1.0)
+    plan = plan_rescale(plan_placement(load, 4, 5), load, 6)
+    written = {(t.layer, t.dst_rank, t.dst_slot) for t in plan.transfers}
+    assert all((lay, r, s) in written for lay in range(2) for r in (4, 5) for s in range(5))
+
+
+def test_scale_down_renumbers_survivors_compactly_in_order() -> None:
+    load = zipf_load(2, 16, 1.0)
+    plan = plan_rescale(plan_placement(load, 6, 5), load, 4, removed_ranks=[1, 3])
+    assert plan.rank_map.tolist() == [0, -1, 1, -1, 2, 3]
+
+
+def test_scale_down_chooses_the_ranks_to_remove_when_not_given() -> None:
+    load = zipf_load(2, 16, 1.0)
+    current = plan_placement(load, 6, 5)
+    plan = plan_rescale(current, load, 4)
+    chosen = choose_removed_ranks(current, load, 2)
+    assert [r for r in range(6) if plan.rank_map[r] < 0] == list(chosen)
+
+
+def test_failed_rank_never_sends_and_orphans_reload_from_checkpoint() -> None:
+    load = zipf_load(3, 24, 1.0)
+    current = plan_placement(load, 8, 4)
+    plan = plan_rescale(current, load, 7, failed_ranks=(3,))
+    assert all(t.src_rank != 3 for t in plan.transfers)
+    assert plan.stats["checkpoint_reloads"] == sum(t.src_rank == -1 for t in plan.transfers)
+    assert plan.stats["checkpoint_reloads"] > 0
+
+
+def test_failed_rank_can_be_replaced_by_a_fresh_one() -> None:
+    load = zipf_load(2, 16, 1.0)
+    current = plan_placement(load, 4, 5)
+    plan = plan_rescale(current, load, 4, failed_ranks=(1,))
+    assert plan.rank_map.tolist() == [0, -1, 1, 2]
+    assert_valid_plan(current, plan, (1,))
+
+
+def test_rebalance_on_unchanged_load_moves_nothing() -> None:
+    load = zipf_load(3, 32, 1.0)
+    current = plan_placement(load, 8, 5)
+    plan = plan_rescale(current, load, 8)
+    assert plan.transfers == []
+
+
+def test_rebalance_after_drift_improves_balance_with_few_copies() -> None:
+    load = zipf_load(4, 64, 1.0)
+    current = plan_placement(load, 8, 9)
+    drifted = load * np.random.default_rng(3).lognormal(0, 0.3, load.shape)
+    plan = plan_rescale(current, drifted, 8)
+    assert plan.stats["balancedness_after"] >= balancedness(current, drifted)
+    assert plan.stats["copies"] < 4 * 8 * 9 / 2
+
+
+def test_scale_up_copies_stay_close_to_the_lower_bound() -> None:
+    load = zipf_load(4, 64, 1.0)
+    current = plan_placement(load, 8, 9)
+    plan = plan_rescale(current, load, 12)
+    assert plan.stats["lower_bound"] == 4 * 4 * 9
+    assert plan.stats["copies"] <= 1.5 * plan.stats["lower_bound"]
+    assert plan.stats["balancedness_after"] > 0.98
+
+
+def test_lower_bound_counts_new_slots_and_orphans() -> None:
+    # two ranks, one slot each, experts 0 and 1; losing rank 1 orphans expert 1 per layer
+    current = Placement(np.array([[0, 1], [1, 0]]), 1)
+    assert copy_lower_bound(current, 3, (), ()) == 2  # one new slot in each layer
+    assert copy_lower_bound(current, 2, (), (1,)) == 2  # one orphan per layer, one new slot
+    assert copy_lower_bound(current, 2, (), ()) == 0
