@@ -198,6 +198,8 @@ def leader(output: Output = OutputOpt) -> None:
 
 
 def main() -> None:
+    from eep_controller.cli import ops_commands  # noqa: F401  (registers scale/ops/op/cancel/layout)
+
     app()
 
 

@@ -91,6 +91,49 @@ def show_config(
     typer.echo(json.dumps(settings.masked(), indent=2))
 
 
+@app.command()
+def demo(
+    scale: str = typer.Option(
+        "2,4,3", "--scale", help="dp sizes: bring up at the first, then scale to each"
+    ),
+    exit_when_done: bool = typer.Option(
+        False, "--exit", help="exit when done (non-zero if anything failed)"
+    ),
+    json_summary: bool = typer.Option(
+        False, "--json", help="print one JSON summary line at the end"
+    ),
+    agents: int = typer.Option(2, "--agents", min=1, max=16),
+    devices_per_agent: int = typer.Option(2, "--devices-per-agent", min=1, max=16),
+    port: int = typer.Option(0, "--port", help="controller port (0 = any free port)"),
+    state_dir: Path | None = typer.Option(
+        None, "--state-dir", help="keep etcd data, logs and checkpoint here"
+    ),
+    log_level: str = typer.Option("WARNING", "--log-level"),
+) -> None:
+    """Run the scaling demo: embedded etcd, controller, local agents, probes, scale steps."""
+    from eep_controller.cli.demo import DemoConfig, run_demo
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        sizes = [int(x) for x in scale.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("--scale takes comma-separated integers, e.g. 2,4,3") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("--scale needs positive dp sizes, e.g. 2,4,3")
+    cfg = DemoConfig(
+        scale=sizes,
+        agents=agents,
+        devices_per_agent=devices_per_agent,
+        port=port,
+        state_dir=state_dir,
+        exit_when_done=exit_when_done,
+        json_summary=json_summary,
+    )
+    raise typer.Exit(run_demo(cfg))
+
+
 def main() -> None:
     app()
 

@@ -28,7 +28,10 @@ def controller(etcd_server: Any, module_prefix: str) -> Iterator[Proc]:
     proc = start_controller(
         etcd_server.endpoint,
         module_prefix,
-        env={"EEP_AUTH_TOKENS": f"{ADMIN}:admin,{READER}:read", "EEP_SERVER_MAX_BODY_BYTES": "65536"},
+        env={
+            "EEP_AUTH_TOKENS": f"{ADMIN}:admin,{READER}:read",
+            "EEP_SERVER_MAX_BODY_BYTES": "65536",
+        },
     )
     yield proc
     proc.stop()
@@ -37,7 +40,9 @@ def controller(etcd_server: Any, module_prefix: str) -> Iterator[Proc]:
 @pytest.fixture
 def api(controller: Proc) -> Iterator[httpx.Client]:
     assert controller.url
-    with httpx.Client(base_url=controller.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10) as c:
+    with httpx.Client(
+        base_url=controller.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+    ) as c:
         yield c
 
 
@@ -79,21 +84,56 @@ def _huge() -> dict[str, Any]:
 
 
 BAD_BODIES: list[tuple[str, Any, int, str]] = [
-    ("wrong type for layers", valid_spec(model={"num_moe_layers": "many", "num_experts": 16, "expert_bytes": 1}), 422, "num_moe_layers"),
-    ("zero experts", valid_spec(model={"num_moe_layers": 4, "num_experts": 0, "expert_bytes": 1}), 422, "num_experts"),
-    ("negative expert bytes", valid_spec(model={"num_moe_layers": 4, "num_experts": 16, "expert_bytes": -5}), 422, "expert_bytes"),
+    (
+        "wrong type for layers",
+        valid_spec(model={"num_moe_layers": "many", "num_experts": 16, "expert_bytes": 1}),
+        422,
+        "num_moe_layers",
+    ),
+    (
+        "zero experts",
+        valid_spec(model={"num_moe_layers": 4, "num_experts": 0, "expert_bytes": 1}),
+        422,
+        "num_experts",
+    ),
+    (
+        "negative expert bytes",
+        valid_spec(model={"num_moe_layers": 4, "num_experts": 16, "expert_bytes": -5}),
+        422,
+        "expert_bytes",
+    ),
     ("zero slots", valid_spec(slots_per_rank=0), 422, "slots_per_rank"),
     ("negative tp", valid_spec(tp=-1), 422, "tp"),
     ("zero pcp", valid_spec(pcp=0), 422, "pcp"),
     ("unknown top-level field", {**valid_spec(), "replicas": 3}, 422, "replicas"),
-    ("unknown model field", valid_spec(model={"num_moe_layers": 4, "num_experts": 16, "expert_bytes": 1, "vocab": 9}), 422, "vocab"),
+    (
+        "unknown model field",
+        valid_spec(model={"num_moe_layers": 4, "num_experts": 16, "expert_bytes": 1, "vocab": 9}),
+        422,
+        "vocab",
+    ),
     ("missing model", {k: v for k, v in valid_spec().items() if k != "model"}, 422, "model"),
     ("bad name", valid_spec(name="Not_A_DNS_Label"), 422, "name"),
     ("min above max", valid_spec(min_dp=9, max_dp=8), 422, "greater than max_dp"),
     ("initial dp out of range", valid_spec(initial_dp=20), 422, "initial_dp"),
-    ("cannot hold experts at max dp", valid_spec(slots_per_rank=1, min_dp=1, max_dp=8), 422, "even at max_dp"),
-    ("tp x pcp too small an EP for min dp", valid_spec(slots_per_rank=2, min_dp=1, max_dp=8, tp=1, pcp=1), 422, "min_dp"),
-    ("top_k above experts", valid_spec(model={"num_moe_layers": 4, "num_experts": 16, "expert_bytes": 1, "top_k": 17}), 422, "top_k"),
+    (
+        "cannot hold experts at max dp",
+        valid_spec(slots_per_rank=1, min_dp=1, max_dp=8),
+        422,
+        "even at max_dp",
+    ),
+    (
+        "tp x pcp too small an EP for min dp",
+        valid_spec(slots_per_rank=2, min_dp=1, max_dp=8, tp=1, pcp=1),
+        422,
+        "min_dp",
+    ),
+    (
+        "top_k above experts",
+        valid_spec(model={"num_moe_layers": 4, "num_experts": 16, "expert_bytes": 1, "top_k": 17}),
+        422,
+        "top_k",
+    ),
     ("vllm actuator without url", valid_spec(actuator="vllm"), 422, "vllm_url"),
     ("unknown actuator", valid_spec(actuator="kubernetes"), 422, "actuator"),
     ("dp above the hard cap", valid_spec(max_dp=100000), 422, "max_dp"),
@@ -101,9 +141,17 @@ BAD_BODIES: list[tuple[str, Any, int, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "status", "mentions"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+@pytest.mark.parametrize(
+    ("case", "body", "status", "mentions"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES]
+)
 def test_bad_spec_gets_a_problem_and_changes_nothing(
-    api: httpx.Client, etcd_server: Any, module_prefix: str, case: str, body: Any, status: int, mentions: str
+    api: httpx.Client,
+    etcd_server: Any,
+    module_prefix: str,
+    case: str,
+    body: Any,
+    status: int,
+    mentions: str,
 ) -> None:
     before = dump_sync(etcd_server.endpoint, module_prefix)
     r = api.post("/v1/deployments", json=body)
@@ -116,15 +164,21 @@ def test_bad_spec_gets_a_problem_and_changes_nothing(
     assert dump_sync(etcd_server.endpoint, module_prefix) == before
 
 
-def test_malformed_json_is_400_and_changes_nothing(api: httpx.Client, etcd_server: Any, module_prefix: str) -> None:
+def test_malformed_json_is_400_and_changes_nothing(
+    api: httpx.Client, etcd_server: Any, module_prefix: str
+) -> None:
     before = dump_sync(etcd_server.endpoint, module_prefix)
-    r = api.post("/v1/deployments", content=b'{"name": "x", ', headers={"content-type": "application/json"})
+    r = api.post(
+        "/v1/deployments", content=b'{"name": "x", ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
     assert r.json()["type"].endswith("/malformed")
     assert dump_sync(etcd_server.endpoint, module_prefix) == before
 
 
-def test_huge_body_is_413_and_changes_nothing(api: httpx.Client, etcd_server: Any, module_prefix: str) -> None:
+def test_huge_body_is_413_and_changes_nothing(
+    api: httpx.Client, etcd_server: Any, module_prefix: str
+) -> None:
     before = dump_sync(etcd_server.endpoint, module_prefix)
     r = api.post("/v1/deployments", json=_huge())
     assert r.status_code == 413
@@ -141,12 +195,18 @@ def test_huge_chunked_body_is_413(api: httpx.Client) -> None:
     assert r.status_code == 413
 
 
-def test_missing_auth_is_401_and_changes_nothing(controller: Proc, etcd_server: Any, module_prefix: str) -> None:
+def test_missing_auth_is_401_and_changes_nothing(
+    controller: Proc, etcd_server: Any, module_prefix: str
+) -> None:
     before = dump_sync(etcd_server.endpoint, module_prefix)
     r = httpx.post(f"{controller.url}/v1/deployments", json=valid_spec("noauth"))
     assert r.status_code == 401
     assert r.headers["www-authenticate"].startswith("Bearer")
-    r = httpx.post(f"{controller.url}/v1/deployments", json=valid_spec("noauth"), headers={"Authorization": "Bearer wrong"})
+    r = httpx.post(
+        f"{controller.url}/v1/deployments",
+        json=valid_spec("noauth"),
+        headers={"Authorization": "Bearer wrong"},
+    )
     assert r.status_code == 401
     assert dump_sync(etcd_server.endpoint, module_prefix) == before
 
@@ -157,7 +217,10 @@ def test_read_token_cannot_mutate(controller: Proc, etcd_server: Any, module_pre
     r = httpx.post(f"{controller.url}/v1/deployments", json=valid_spec("ro"), headers=headers)
     assert r.status_code == 403
     assert r.json()["type"].endswith("/forbidden")
-    assert httpx.delete(f"{controller.url}/v1/deployments/anything", headers=headers).status_code == 403
+    assert (
+        httpx.delete(f"{controller.url}/v1/deployments/anything", headers=headers).status_code
+        == 403
+    )
     assert httpx.get(f"{controller.url}/v1/deployments", headers=headers).status_code == 200
     assert dump_sync(etcd_server.endpoint, module_prefix) == before
 
@@ -167,9 +230,15 @@ def test_reads_are_open_without_a_token_by_default(controller: Proc) -> None:
     assert httpx.get(f"{controller.url}/v1/nodes").status_code == 200
 
 
-def test_unknown_names_are_404_problems(api: httpx.Client, etcd_server: Any, module_prefix: str) -> None:
+def test_unknown_names_are_404_problems(
+    api: httpx.Client, etcd_server: Any, module_prefix: str
+) -> None:
     before = dump_sync(etcd_server.endpoint, module_prefix)
-    for method, path in [("GET", "/v1/deployments/nope"), ("DELETE", "/v1/deployments/nope"), ("GET", "/v1/nodes/nope")]:
+    for method, path in [
+        ("GET", "/v1/deployments/nope"),
+        ("DELETE", "/v1/deployments/nope"),
+        ("GET", "/v1/nodes/nope"),
+    ]:
         r = api.request(method, path)
         assert r.status_code == 404, (method, path)
         assert r.headers["content-type"].startswith("application/problem+json")

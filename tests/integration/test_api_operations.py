@@ -46,10 +46,16 @@ def _cancel_active(api: httpx.Client, name: str = "ds") -> None:
     active = api.get(f"/v1/deployments/{name}").json()["active_operation"]
     if active:
         api.post(f"/v1/operations/{active}/cancel")
-        wait_for(lambda: api.get(f"/v1/deployments/{name}").json()["active_operation"] is None, 10, what="lock free")
+        wait_for(
+            lambda: api.get(f"/v1/deployments/{name}").json()["active_operation"] is None,
+            10,
+            what="lock free",
+        )
 
 
-def test_dry_run_previews_the_plan_and_changes_nothing(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+def test_dry_run_previews_the_plan_and_changes_nothing(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
     _, etcd, prefix = env
     before = dump_sync(etcd, prefix)
     r = api.post("/v1/deployments/ds/scale", json={"dp_size": 6, "dry_run": True})
@@ -63,7 +69,9 @@ def test_dry_run_previews_the_plan_and_changes_nothing(api: httpx.Client, env: t
     assert dump_sync(etcd, prefix) == before
 
 
-def test_noop_scale_is_200_and_records_nothing(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+def test_noop_scale_is_200_and_records_nothing(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
     _, etcd, prefix = env
     before = dump_sync(etcd, prefix)
     r = api.post("/v1/deployments/ds/scale", json={"dp_size": 4})
@@ -77,7 +85,12 @@ BAD = [
     ("dp zero", {"dp_size": 0}, 422, "dp_size"),
     ("unknown field", {"dp_size": 6, "force": True}, 422, "force"),
     ("not enough devices", {"dp_size": 8, "dry_run": True}, 422, "missing"),
-    ("remove_ranks on scale-up", {"dp_size": 6, "remove_ranks": [0, 1]}, 422, "only for scaling down"),
+    (
+        "remove_ranks on scale-up",
+        {"dp_size": 6, "remove_ranks": [0, 1]},
+        422,
+        "only for scaling down",
+    ),
     ("remove_ranks out of range", {"dp_size": 3, "remove_ranks": [7]}, 422, "out of range"),
     ("remove_ranks wrong count", {"dp_size": 2, "remove_ranks": [0]}, 422, "names 1"),
     ("remove_ranks duplicated", {"dp_size": 2, "remove_ranks": [1, 1]}, 422, "twice"),
@@ -87,7 +100,12 @@ BAD = [
 
 @pytest.mark.parametrize(("case", "body", "status", "mentions"), BAD, ids=[b[0] for b in BAD])
 def test_bad_scale_requests_are_problems_and_change_nothing(
-    api: httpx.Client, env: tuple[Proc, str, str], case: str, body: dict[str, Any], status: int, mentions: str
+    api: httpx.Client,
+    env: tuple[Proc, str, str],
+    case: str,
+    body: dict[str, Any],
+    status: int,
+    mentions: str,
 ) -> None:
     _, etcd, prefix = env
     before = dump_sync(etcd, prefix)
@@ -111,7 +129,9 @@ def test_unknown_deployment_is_404(api: httpx.Client) -> None:
     assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
 
 
-def test_ten_simultaneous_scales_give_one_202_and_nine_409_naming_it(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+def test_ten_simultaneous_scales_give_one_202_and_nine_409_naming_it(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
     url = str(env[0].url)
 
     def post(_: int) -> httpx.Response:
@@ -129,7 +149,9 @@ def test_ten_simultaneous_scales_give_one_202_and_nine_409_naming_it(api: httpx.
     _cancel_active(api)
 
 
-def test_idempotent_replay_returns_the_same_operation(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+def test_idempotent_replay_returns_the_same_operation(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
     key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
     first = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key)
     assert first.status_code == 202, first.text
@@ -141,16 +163,24 @@ def test_idempotent_replay_returns_the_same_operation(api: httpx.Client, env: tu
     assert other.json()["operation"] == first.json()["id"]
     _cancel_active(api)
     # after the op ended, a replay still names it (and does not start another)
-    replay = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key)
+    replay = api.post(
+        "/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key
+    )
     assert replay.json()["id"] == first.json()["id"] and replay.json()["state"] == "ABORTED"
 
 
 def test_bad_idempotency_key_is_rejected(api: httpx.Client) -> None:
-    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 5}, headers={"Idempotency-Key": "has spaces and /"})
+    r = api.post(
+        "/v1/deployments/ds/scale",
+        json={"dp_size": 5},
+        headers={"Idempotency-Key": "has spaces and /"},
+    )
     assert r.status_code == 422
 
 
-def test_operation_resource_cancel_and_history(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+def test_operation_resource_cancel_and_history(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
     r = api.post("/v1/deployments/ds/scale", json={"dp_size": 3, "reason": "shrink"})
     assert r.status_code == 202
     op = r.json()
@@ -158,15 +188,28 @@ def test_operation_resource_cancel_and_history(api: httpx.Client, env: tuple[Pro
     assert op["kind"] == "scale_down" and op["from_generation"] == 1 and op["to_generation"] == 2
     assert op["plan"]["transfer_world"] == "active"
     assert len([p for p in op["plan"]["participants"] if p["new_rank"] is None]) == 1
-    got = wait_for(lambda: (g := api.get(f"/v1/operations/{op['id']}").json())["state"] == "PREPARING" and g, 10, what="PREPARING")
-    assert got["progress"]["PREPARING"] == {"acked": 0, "failed": 0, "total": 4, "bytes_received": 0}
+    got = wait_for(
+        lambda: (g := api.get(f"/v1/operations/{op['id']}").json())["state"] == "PREPARING" and g,
+        10,
+        what="PREPARING",
+    )
+    assert got["progress"]["PREPARING"] == {
+        "acked": 0,
+        "failed": 0,
+        "total": 4,
+        "bytes_received": 0,
+    }
     conflict = api.post("/v1/deployments/ds/scale", json={"dp_size": 5})
     assert conflict.status_code == 409 and conflict.json()["active_operation"] == op["id"]
     assert api.delete("/v1/deployments/ds").status_code == 409
 
     c = api.post(f"/v1/operations/{op['id']}/cancel")
     assert c.status_code == 202 and c.json()["cancel_requested"] is True
-    done = wait_for(lambda: (g := api.get(f"/v1/operations/{op['id']}").json())["state"] == "ABORTED" and g, 10, what="ABORTED")
+    done = wait_for(
+        lambda: (g := api.get(f"/v1/operations/{op['id']}").json())["state"] == "ABORTED" and g,
+        10,
+        what="ABORTED",
+    )
     assert "cancel" in done["error"]
     assert api.get("/v1/deployments/ds").json()["active_operation"] is None
     assert api.get("/v1/deployments/ds/layout").json()["generation"] == 1
@@ -180,7 +223,11 @@ def test_operation_resource_cancel_and_history(api: httpx.Client, env: tuple[Pro
     assert page2["items"] and page2["items"][0]["id"] < op["id"]
     events = api.get("/v1/deployments/ds/events", params={"op_id": op["id"]}).json()["items"]
     types = [e["type"] for e in events]
-    assert "operation.created" in types and "operation.cancel_requested" in types and "operation.aborted" in types
+    assert (
+        "operation.created" in types
+        and "operation.cancel_requested" in types
+        and "operation.aborted" in types
+    )
 
 
 def test_unknown_operation_is_404(api: httpx.Client) -> None:
@@ -196,3 +243,78 @@ def test_layout_and_placement(api: httpx.Client) -> None:
     assert 0 < lay["balancedness"]["value"] <= 1
     full = api.get("/v1/deployments/ds/placement").json()
     assert len(full["phy2log"]) == 4 and len(full["phy2log"][0]) == 32
+
+
+def test_sse_stream_delivers_events_live(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
+    import json
+    import threading
+
+    url = str(env[0].url)
+    seen: list[dict[str, Any]] = []
+    opened = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", f"{url}/v1/events", params={"deployment": "ds"}, timeout=30) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            event_type = None
+            for line in r.iter_lines():
+                opened.set()
+                if line.startswith("event: "):
+                    event_type = line[len("event: ") :]
+                elif line.startswith("data: "):
+                    seen.append({"type": event_type, **json.loads(line[len("data: ") :])})
+                    if event_type == "operation.aborted":
+                        return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    assert opened.wait(10)
+    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 5})
+    assert r.status_code == 202
+    api.post(f"/v1/operations/{r.json()['id']}/cancel")
+    t.join(20)
+    types = [e["type"] for e in seen]
+    assert types[0] == "operation.created" and "operation.aborted" in types
+    assert all(e["op_id"] == r.json()["id"] for e in seen)
+
+
+def test_metrics_count_operations(api: httpx.Client) -> None:
+    wait_for(
+        lambda: (
+            'eep_operations_total{kind="scale_up",result="aborted"}' in api.get("/metrics").text
+        ),
+        10,
+        what="metric",
+    )
+    text = api.get("/metrics").text
+    assert 'eep_layout_generation{deployment="ds"} 1.0' in text
+    assert 'eep_balancedness{deployment="ds"}' in text
+    assert 'eep_nodes{state="ready"} 2.0' in text
+    assert "eep_operation_phase_seconds_bucket" in text
+
+
+def test_eepctl_scale_dry_run_and_layout(env: tuple[Proc, str, str]) -> None:
+    import json
+    import subprocess
+
+    from tests.support.processes import BIN
+
+    ctl = [str(BIN / "eepctl"), "--server", str(env[0].url)]
+    out = subprocess.run(
+        [*ctl, "scale", "ds", "--dp", "6", "--dry-run"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "copies (lower bound)" in out.stdout and "4 -> 6" in out.stdout
+    js = subprocess.run(
+        [*ctl, "scale", "ds", "--dp", "6", "--dry-run", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(js.stdout)["plan"]["to_dp"] == 6
+    lay = subprocess.run([*ctl, "layout", "ds"], capture_output=True, text=True, timeout=60)
+    assert lay.returncode == 0 and "generation 1" in lay.stdout
+    bad = subprocess.run(
+        [*ctl, "scale", "ds", "--dp", "99"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 1 and "422" in bad.stderr

@@ -30,16 +30,27 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def test_serve_without_endpoints_runs_embedded_etcd_and_stops_it_on_sigterm(tmp_path: Path, prefix: str) -> None:
+def test_serve_without_endpoints_runs_embedded_etcd_and_stops_it_on_sigterm(
+    tmp_path: Path, prefix: str
+) -> None:
     port = free_port()
     proc = start(
         "controller",
-        [str(BIN / "eep-controller"), "serve", "--port", str(port), "--data-dir", str(tmp_path / "etcd")],
+        [
+            str(BIN / "eep-controller"),
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "etcd"),
+        ],
         {"EEP_ETCD_PREFIX": prefix, "EEP_ELECTION_LEASE_TTL_S": "2"},
     )
     url = proc.wait_ready()
     wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 15, what="readyz")
-    m = wait_for(lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid in log")
+    m = wait_for(
+        lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid in log"
+    )
     etcd_pid = int(m.group(1))
     assert _pid_alive(etcd_pid)
     assert (tmp_path / "etcd").is_dir()
@@ -55,7 +66,9 @@ def test_serve_stops_embedded_etcd_on_sigint_too(tmp_path: Path, prefix: str) ->
         {"EEP_ETCD_PREFIX": prefix},
     )
     proc.wait_ready()
-    m = wait_for(lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid")
+    m = wait_for(
+        lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid"
+    )
     proc.signal(signal.SIGINT)
     proc.popen.wait(15)
     wait_for(lambda: not _pid_alive(int(m.group(1))), 10, what="embedded etcd to exit")
@@ -117,13 +130,19 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
         url = proc.url
         wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 10, what="ready")
         private_etcd.kill()
-        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 503, 15, what="not ready")
+        wait_for(
+            lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 503, 15, what="not ready"
+        )
         problem = httpx.get(f"{url}/readyz", timeout=10)
         assert problem.headers["content-type"].startswith("application/problem+json")
         assert httpx.get(f"{url}/healthz").status_code == 200  # the process is still up
         assert httpx.get(f"{url}/v1/deployments", timeout=15).status_code == 503
         private_etcd.start()
-        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 200, 20, what="ready again")
+        wait_for(
+            lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 200,
+            20,
+            what="ready again",
+        )
         assert proc.alive()
         r = httpx.post(
             f"{url}/v1/deployments",
@@ -142,5 +161,7 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
 
 def test_python_m_entry_points_exist() -> None:
     for mod in ("eep_controller.cli.server", "eep_controller.cli.ctl"):
-        out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr

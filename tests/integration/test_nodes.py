@@ -46,7 +46,9 @@ def test_sigterm_deregisters_at_once(controller: Proc, etcd: str, prefix: str) -
     wait_for(lambda: "node-b" not in _node_ids(url), 3, what="node-b gone")  # type: ignore[arg-type]
 
 
-def test_killed_agent_disappears_within_its_lease_ttl(controller: Proc, etcd: str, prefix: str) -> None:
+def test_killed_agent_disappears_within_its_lease_ttl(
+    controller: Proc, etcd: str, prefix: str
+) -> None:
     agent = start_agent(etcd, prefix, "node-c", lease_ttl=2)
     url = controller.url
     wait_for(lambda: "node-c" in _node_ids(url), 10, what="node-c listed")  # type: ignore[arg-type]
@@ -56,14 +58,20 @@ def test_killed_agent_disappears_within_its_lease_ttl(controller: Proc, etcd: st
     assert time.monotonic() - start <= 4
 
 
-def test_eepctl_lists_nodes_and_manages_deployments(controller: Proc, etcd: str, prefix: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_eepctl_lists_nodes_and_manages_deployments(
+    controller: Proc, etcd: str, prefix: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent(etcd, prefix, "node-d")
     try:
         ctl = [str(BIN / "eepctl"), "--server", str(controller.url)]
         wait_for(lambda: "node-d" in _node_ids(controller.url), 10, what="node-d")  # type: ignore[arg-type]
-        table = subprocess.run([*ctl, "nodes"], capture_output=True, text=True, timeout=60, check=True).stdout
+        table = subprocess.run(
+            [*ctl, "nodes"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
         assert "node-d" in table and "cpu:2" in table
-        as_json = subprocess.run([*ctl, "nodes", "-o", "json"], capture_output=True, text=True, timeout=60, check=True)
+        as_json = subprocess.run(
+            [*ctl, "nodes", "-o", "json"], capture_output=True, text=True, timeout=60, check=True
+        )
         assert json.loads(as_json.stdout)["items"][0]["node_id"] == "node-d"
 
         spec = tmp_path / "spec.yaml"
@@ -71,16 +79,36 @@ def test_eepctl_lists_nodes_and_manages_deployments(controller: Proc, etcd: str,
             "name: demo\nmodel:\n  num_moe_layers: 2\n  num_experts: 8\n  expert_bytes: 1024\n"
             "slots_per_rank: 4\nmin_dp: 2\nmax_dp: 4\n"
         )
-        created = subprocess.run([*ctl, "create", "deployment", "-f", str(spec), "-o", "json"], capture_output=True, text=True, timeout=60)
+        created = subprocess.run(
+            [*ctl, "create", "deployment", "-f", str(spec), "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert created.returncode == 0, created.stderr
         assert json.loads(created.stdout)["name"] == "demo"
-        listed = subprocess.run([*ctl, "deployments"], capture_output=True, text=True, timeout=60, check=True).stdout
+        listed = subprocess.run(
+            [*ctl, "deployments"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
         assert "demo" in listed and "pending" in listed
-        one = subprocess.run([*ctl, "get", "deployment", "demo", "-o", "json"], capture_output=True, text=True, timeout=60, check=True)
+        one = subprocess.run(
+            [*ctl, "get", "deployment", "demo", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         assert json.loads(one.stdout)["spec"]["max_dp"] == 4
-        again = subprocess.run([*ctl, "create", "deployment", "-f", str(spec)], capture_output=True, text=True, timeout=60)
+        again = subprocess.run(
+            [*ctl, "create", "deployment", "-f", str(spec)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert again.returncode == 1 and "409" in again.stderr and "already exists" in again.stderr
-        missing = subprocess.run([*ctl, "get", "deployment", "nope"], capture_output=True, text=True, timeout=60)
+        missing = subprocess.run(
+            [*ctl, "get", "deployment", "nope"], capture_output=True, text=True, timeout=60
+        )
         assert missing.returncode == 1 and "404" in missing.stderr
     finally:
         agent.stop()

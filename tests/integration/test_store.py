@@ -100,7 +100,9 @@ async def _until(pred, timeout: float = 15.0) -> None:  # type: ignore[no-untype
         await asyncio.sleep(0.05)
 
 
-async def test_watch_survives_etcd_restart_without_losing_events(private_etcd: EmbeddedEtcd) -> None:
+async def test_watch_survives_etcd_restart_without_losing_events(
+    private_etcd: EmbeddedEtcd,
+) -> None:
     s = EtcdStore(EtcdConnection([private_etcd.endpoint], timeout_s=2), KeySpace("/w"))
     await s.put(s.keys.node("before"), node("before"))
     watch = PrefixWatch(s, s.keys.nodes(), retry_s=0.2)
@@ -121,7 +123,11 @@ async def test_watch_survives_etcd_restart_without_losing_events(private_etcd: E
     await other.delete(other.keys.node("one"))
     await other.close()
     await _until(lambda: any(isinstance(e, WatchEvent) and e.key.endswith("/two") for e in events))
-    await _until(lambda: any(isinstance(e, WatchEvent) and e.deleted and e.key.endswith("/one") for e in events))
+    await _until(
+        lambda: any(
+            isinstance(e, WatchEvent) and e.deleted and e.key.endswith("/one") for e in events
+        )
+    )
     assert watch.restarts >= 1
     assert sum(isinstance(e, Resync) for e in events) == 1  # resumed by revision, no re-list
     watch.close()

@@ -73,7 +73,9 @@ class Proc:
         return int(self.popen.returncode)
 
 
-def start(name: str, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+def start(
+    name: str, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Proc:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         args,
@@ -108,7 +110,9 @@ def start_controller(
     return proc
 
 
-def start_agent(etcd: str, prefix: str, node_id: str, *, devices: str = "cpu:2", lease_ttl: int = 2) -> Proc:
+def start_agent(
+    etcd: str, prefix: str, node_id: str, *, devices: str = "cpu:2", lease_ttl: int = 2
+) -> Proc:
     args = [
         str(BIN / "eep-agent"), "run", "--etcd", etcd, "--node-id", node_id,
         "--devices", devices, "--prefix", prefix, "--lease-ttl", str(lease_ttl),

@@ -14,11 +14,21 @@ from typing import Any
 import numpy as np
 
 from eep_controller.planner import plan_placement
-from eep_controller.protocol import Device, DeploymentSpec, DeviceKind, EncodedArray, Layout, NodeInfo, Rank
+from eep_controller.protocol import (
+    DeploymentSpec,
+    Device,
+    DeviceKind,
+    EncodedArray,
+    Layout,
+    NodeInfo,
+    Rank,
+)
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
 
 
-async def _seed(etcd: str, prefix: str, spec: DeploymentSpec, nodes: dict[str, int], dp: int) -> None:
+async def _seed(
+    etcd: str, prefix: str, spec: DeploymentSpec, nodes: dict[str, int], dp: int
+) -> None:
     store = EtcdStore(EtcdConnection([etcd]), KeySpace(prefix))
     try:
         for node_id, count in nodes.items():
@@ -28,22 +38,31 @@ async def _seed(etcd: str, prefix: str, spec: DeploymentSpec, nodes: dict[str, i
             )  # fmt: skip
             lease = await store.grant_lease(3600)
             await store.put(store.keys.node(node_id), info, lease=lease)
-        ranks = [Rank(node_id=n, device_index=i) for n, c in nodes.items() for i in range(c)][: spec.ep_size(dp)]
+        ranks = [Rank(node_id=n, device_index=i) for n, c in nodes.items() for i in range(c)][
+            : spec.ep_size(dp)
+        ]
         load = np.ones((spec.model.num_moe_layers, spec.model.num_experts))
         placement = plan_placement(load, len(ranks), spec.slots_per_rank)
         await store.put(store.keys.spec(spec.name), spec)
         await store.put(
             store.keys.layout(spec.name),
             Layout(
-                deployment=spec.name, generation=1, dp_size=dp, ranks=ranks, slots_per_rank=spec.slots_per_rank,
-                placement=EncodedArray.encode(placement.phy2log.astype(np.int64)), committed_at=time.time(),
+                deployment=spec.name,
+                generation=1,
+                dp_size=dp,
+                ranks=ranks,
+                slots_per_rank=spec.slots_per_rank,
+                placement=EncodedArray.encode(placement.phy2log.astype(np.int64)),
+                committed_at=time.time(),
             ),  # fmt: skip
         )
     finally:
         await store.close()
 
 
-def seed_serving_deployment(etcd: str, prefix: str, spec: dict[str, Any], nodes: dict[str, int], dp: int) -> DeploymentSpec:
+def seed_serving_deployment(
+    etcd: str, prefix: str, spec: dict[str, Any], nodes: dict[str, int], dp: int
+) -> DeploymentSpec:
     """A deployment already serving at ``dp`` on the first devices of ``nodes`` (generation 1)."""
     parsed = DeploymentSpec.model_validate(spec)
     asyncio.run(_seed(etcd, prefix, parsed, nodes, dp))

@@ -35,9 +35,13 @@ NODES = ("n1", "n2")
 DEADLINES = PhaseDeadlines(preparing_s=10, transferring_s=20, switching_s=5, cleanup_s=5)
 
 
-def make_op(state: OpState = OpState.PLANNED, participants: int = 4, drain: float = 1.0) -> Operation:
+def make_op(
+    state: OpState = OpState.PLANNED, participants: int = 4, drain: float = 1.0
+) -> Operation:
     parts = [
-        Participant(node_id=NODES[i % 2], device_index=i // 2, old_rank=i if i < 3 else None, new_rank=i)
+        Participant(
+            node_id=NODES[i % 2], device_index=i // 2, old_rank=i if i < 3 else None, new_rank=i
+        )
         for i in range(participants)
     ]
     stats = PlanStats(
@@ -55,21 +59,31 @@ def make_op(state: OpState = OpState.PLANNED, participants: int = 4, drain: floa
     )  # fmt: skip
 
 
-def acks(phase: OpState, n: int, *, failed: dict[int, str] | None = None, **fields: int) -> dict[OpState, dict[int, Ack]]:
+def acks(
+    phase: OpState, n: int, *, failed: dict[int, str] | None = None, **fields: int
+) -> dict[OpState, dict[int, Ack]]:
     failed = failed or {}
     return {
         phase: {
             i: Ack(
-                op_id="op-1", phase=phase, participant=i, node_id=NODES[i % 2],
-                status=AckStatus.FAILED if i in failed else AckStatus.OK, reason=failed.get(i),
-                started_at=0, finished_at=0, **fields,
+                op_id="op-1",
+                phase=phase,
+                participant=i,
+                node_id=NODES[i % 2],
+                status=AckStatus.FAILED if i in failed else AckStatus.OK,
+                reason=failed.get(i),
+                started_at=0,
+                finished_at=0,
+                **fields,
             )  # fmt: skip
             for i in range(n)
         }
     }
 
 
-def obs(a: dict[OpState, dict[int, Ack]] | None = None, live: tuple[str, ...] = NODES) -> Observations:
+def obs(
+    a: dict[OpState, dict[int, Ack]] | None = None, live: tuple[str, ...] = NODES
+) -> Observations:
     return Observations(acks=a or {}, live_nodes=frozenset(live), deadlines=DEADLINES)
 
 
@@ -101,8 +115,15 @@ def test_happy_path_reaches_succeeded_with_one_commit_and_lock_release() -> None
     op, e4 = advance(op, obs(acks(OpState.CLEANUP, 4)), 4.0)
     assert op.state is OpState.SUCCEEDED and op.error is None
     assert sum(isinstance(e, ReleaseLock) for e in e4) == 1
-    assert [e for e in e4 if isinstance(e, OperationFinished)] == [OperationFinished("scale_up", "succeeded", 400)]
-    assert [h.phase for h in op.history] == [OpState.PREPARING, OpState.TRANSFERRING, OpState.SWITCHING, OpState.CLEANUP]
+    assert [e for e in e4 if isinstance(e, OperationFinished)] == [
+        OperationFinished("scale_up", "succeeded", 400)
+    ]
+    assert [h.phase for h in op.history] == [
+        OpState.PREPARING,
+        OpState.TRANSFERRING,
+        OpState.SWITCHING,
+        OpState.CLEANUP,
+    ]
     assert all(h.ended_at is not None for h in op.history)
     assert advance(op, obs(), 5.0) == (op, [])  # terminal is final
 
@@ -110,7 +131,9 @@ def test_happy_path_reaches_succeeded_with_one_commit_and_lock_release() -> None
 @pytest.mark.parametrize("phase", [OpState.PREPARING, OpState.TRANSFERRING])
 def test_failed_ack_before_commit_aborts_with_the_reason(phase: OpState) -> None:
     op = make_op(phase).model_copy(update={"phase_deadline_at": 100.0})
-    out, effects = advance(op, obs(acks(phase, 4, failed={2: "checksum mismatch on layer 0 expert 3"})), 1.0)
+    out, effects = advance(
+        op, obs(acks(phase, 4, failed={2: "checksum mismatch on layer 0 expert 3"})), 1.0
+    )
     assert out.state is OpState.ABORTED
     assert "checksum mismatch" in (out.error or "")
     assert any(isinstance(e, ReleaseLock) for e in effects)
@@ -142,7 +165,9 @@ def test_cancel_is_honoured_before_the_commit_point(phase: OpState) -> None:
 @pytest.mark.parametrize("phase", [OpState.SWITCHING, OpState.CLEANUP])
 def test_after_commit_cancel_and_faults_roll_forward(phase: OpState) -> None:
     op = make_op(phase).model_copy(update={"cancel_requested": True, "phase_deadline_at": 10.0})
-    out, effects = advance(op, obs(acks(phase, 4, failed={1: "worker crashed"}), live=("n1",)), 11.0)
+    out, effects = advance(
+        op, obs(acks(phase, 4, failed={1: "worker crashed"}), live=("n1",)), 11.0
+    )
     assert out.state in (OpState.CLEANUP, OpState.SUCCEEDED)
     assert any(isinstance(e, RecordEvent) and e.type == "operation.degraded" for e in effects)
     with pytest.raises(ValueError, match="only ops before SWITCHING"):
@@ -151,7 +176,11 @@ def test_after_commit_cancel_and_faults_roll_forward(phase: OpState) -> None:
 
 def test_after_commit_lost_participants_are_not_waited_for() -> None:
     op = make_op(OpState.SWITCHING).model_copy(update={"phase_deadline_at": 100.0})
-    a = {OpState.SWITCHING: {i: x for i, x in acks(OpState.SWITCHING, 4)[OpState.SWITCHING].items() if i % 2 == 0}}
+    a = {
+        OpState.SWITCHING: {
+            i: x for i, x in acks(OpState.SWITCHING, 4)[OpState.SWITCHING].items() if i % 2 == 0
+        }
+    }
     out, _ = advance(op, obs(a, live=("n1",)), 1.0)  # n2's participants (1, 3) are gone
     assert out.state is OpState.CLEANUP
 
@@ -173,9 +202,13 @@ ack_sets = st.dictionaries(st.integers(0, 3), st.sampled_from(["ok", "failed"]),
 
 @settings(max_examples=200, deadline=None)
 @given(
-    phases=st.lists(st.tuples(ack_sets, st.booleans(), st.floats(0, 50), st.booleans()), min_size=1, max_size=12)
+    phases=st.lists(
+        st.tuples(ack_sets, st.booleans(), st.floats(0, 50), st.booleans()), min_size=1, max_size=12
+    )
 )
-def test_any_sequence_of_observations_keeps_the_invariants(phases: list[tuple[dict[int, str], bool, float, bool]]) -> None:
+def test_any_sequence_of_observations_keeps_the_invariants(
+    phases: list[tuple[dict[int, str], bool, float, bool]],
+) -> None:
     """Whatever agents report: at most one commit, a lock released exactly once at the end,
     no abort after the commit, and time only moves forward."""
     op = make_op()
@@ -188,8 +221,15 @@ def test_any_sequence_of_observations_keeps_the_invariants(phases: list[tuple[di
             op = op.model_copy(update={"cancel_requested": True})
         seen = {
             op.state: {
-                i: Ack(op_id="op-1", phase=op.state, participant=i, node_id=NODES[i % 2],
-                       status=AckStatus(v), started_at=0, finished_at=0)  # fmt: skip
+                i: Ack(
+                    op_id="op-1",
+                    phase=op.state,
+                    participant=i,
+                    node_id=NODES[i % 2],
+                    status=AckStatus(v),
+                    started_at=0,
+                    finished_at=0,
+                )  # fmt: skip
                 for i, v in ack_map.items()
             }
         }

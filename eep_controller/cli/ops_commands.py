@@ -1,0 +1,208 @@
+"""``eepctl`` commands for operations: scale (with live progress), ops, op, cancel, layout."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from eep_controller.cli.ctl import Output, OutputOpt, _fail, app, console, emit, request
+
+PHASES = ("PREPARING", "TRANSFERRING", "SWITCHING", "CLEANUP")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _plan_table(plan: dict[str, Any]) -> Table:
+    table = Table("PLAN", "VALUE", title="scale plan")
+    table.add_row("dp", f"{plan['from_dp']} -> {plan['to_dp']}")
+    table.add_row("ranks added", str(len(plan.get("ranks_added", []))))
+    table.add_row("ranks removed", str(len(plan.get("ranks_removed", []))))
+    table.add_row("copies (lower bound)", f"{plan['copies']} ({plan['lower_bound']})")
+    table.add_row("checkpoint reloads", str(plan["checkpoint_reloads"]))
+    table.add_row("bytes", _fmt_bytes(plan["bytes"]))
+    table.add_row(
+        "max bytes in / out per rank",
+        f"{_fmt_bytes(plan['max_rank_bytes_in'])} / {_fmt_bytes(plan['max_rank_bytes_out'])}",
+    )
+    table.add_row(
+        "balancedness", f"{plan['balancedness_before']:.4f} -> {plan['balancedness_after']:.4f}"
+    )
+    table.add_row("estimated transfer time", f"{plan['est_transfer_s']:.2f} s")
+    return table
+
+
+def watch_operation(op_id: str, *, poll_s: float = 0.3, timeout_s: float = 3600) -> dict[str, Any]:
+    """Show a progress bar per phase (participants acked / total, bytes) until the op ends."""
+    deadline = time.monotonic() + timeout_s
+    op: dict[str, Any] = request("GET", f"/v1/operations/{op_id}")
+    with Progress(
+        TextColumn("{task.description:<13}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[extra]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        tasks: dict[str, TaskID] = {}
+        total = max(1, len(op.get("plan", {}).get("participants", [])))
+        for phase in PHASES:
+            tasks[phase] = progress.add_task(phase, total=total, extra="", start=False)
+        while True:
+            for phase in PHASES:
+                p = op.get("progress", {}).get(phase, {})
+                extra = ""
+                if phase == "TRANSFERRING" and p.get("bytes_received"):
+                    extra = _fmt_bytes(p["bytes_received"])
+                if p.get("failed"):
+                    extra += f" [red]{p['failed']} failed[/]"
+                if p.get("acked") or phase == op["state"]:
+                    progress.start_task(tasks[phase])
+                progress.update(tasks[phase], completed=p.get("acked", 0), extra=extra)
+            if op["state"] in ("SUCCEEDED", "ABORTED"):
+                break
+            if time.monotonic() > deadline:
+                _fail(f"operation {op_id} still {op['state']} after {timeout_s:.0f}s")
+            time.sleep(poll_s)
+            op = request("GET", f"/v1/operations/{op_id}")
+    return op
+
+
+@app.command()
+def scale(
+    deployment: str,
+    dp: int = typer.Option(..., "--dp", min=1, help="target data-parallel size"),
+    remove: list[int] = typer.Option(
+        [], "--remove", help="EP rank to remove on scale-down (repeatable)"
+    ),
+    drain_timeout: float = typer.Option(
+        30.0, "--drain-timeout", help="seconds leaving ranks may drain"
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show the plan, change nothing"),
+    wait: bool = typer.Option(
+        False, "--wait", help="follow the operation with live progress until it ends"
+    ),
+    reason: str | None = typer.Option(None, "--reason"),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    output: Output = OutputOpt,
+) -> None:
+    """Scale DEPLOYMENT to --dp data-parallel ranks."""
+    body: dict[str, Any] = {"dp_size": dp, "drain_timeout_s": drain_timeout, "dry_run": dry_run}
+    if remove:
+        body["remove_ranks"] = remove
+    if reason:
+        body["reason"] = reason
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    data = request("POST", f"/v1/deployments/{deployment}/scale", json=body, headers=headers)
+    if data.get("noop"):
+        emit(data, output, None) if output is Output.JSON else console.print(
+            data.get("detail", "nothing to do")
+        )
+        return
+    if dry_run:
+        emit(data, output, _plan_table(data["plan"]))
+        return
+    if output is Output.TABLE:
+        console.print(f"operation [bold]{data['id']}[/] ({data['kind']}) accepted")
+    if not wait:
+        emit(data, output, _op_table([data]))
+        return
+    final = watch_operation(data["id"])
+    emit(final, output, _op_table([final]))
+    if final["state"] != "SUCCEEDED":
+        _fail(f"operation {final['id']} {final['state']}: {final.get('error')}")
+
+
+def _op_table(ops: list[dict[str, Any]]) -> Table:
+    table = Table("ID", "KIND", "STATE", "DP", "GEN", "COPIES (LB)", "BYTES", "BALANCE", "ERROR")
+    for op in ops:
+        plan = op.get("plan") or {}
+        table.add_row(
+            op["id"],
+            op["kind"],
+            op["state"],
+            f"{plan.get('from_dp', '?')} -> {plan.get('to_dp', '?')}",
+            f"{op['from_generation']} -> {op['to_generation']}",
+            f"{plan.get('copies', '-')} ({plan.get('lower_bound', '-')})",
+            _fmt_bytes(op.get("bytes_moved") or plan.get("bytes", 0)),
+            f"{plan.get('balancedness_before', 0):.3f} -> {plan.get('balancedness_after', 0):.3f}",
+            (op.get("error") or "")[:60],
+        )
+    return table
+
+
+@app.command()
+def ops(
+    deployment: str,
+    limit: int = typer.Option(20, "--limit", min=1, max=500),
+    output: Output = OutputOpt,
+) -> None:
+    """A deployment's operations, newest first."""
+    data = request("GET", f"/v1/deployments/{deployment}/operations", params={"limit": limit})
+    emit(data, output, _op_table(data["items"]))
+
+
+@app.command()
+def op(op_id: str, output: Output = OutputOpt) -> None:
+    """One operation with its phases."""
+    data = request("GET", f"/v1/operations/{op_id}")
+    if output is Output.JSON:
+        emit(data, output, None)
+        return
+    console.print(_op_table([data]))
+    phases = Table("PHASE", "STARTED", "SECONDS", "ACKED")
+    for rec in data.get("history", []):
+        ended = rec.get("ended_at") or time.time()
+        p = data.get("progress", {}).get(rec["phase"], {})
+        phases.add_row(
+            rec["phase"],
+            time.strftime("%H:%M:%S", time.localtime(rec["started_at"])),
+            f"{ended - rec['started_at']:.2f}",
+            f"{p.get('acked', 0)}/{p.get('total', 0)}",
+        )
+    console.print(phases)
+
+
+@app.command()
+def cancel(op_id: str, output: Output = OutputOpt) -> None:
+    """Cancel an operation (before its commit point)."""
+    data = request("POST", f"/v1/operations/{op_id}/cancel")
+    emit(data, output, _op_table([data]))
+
+
+@app.command()
+def layout(deployment: str, output: Output = OutputOpt) -> None:
+    """The committed layout of a deployment."""
+    data = request("GET", f"/v1/deployments/{deployment}/layout")
+    table = Table(
+        "RANK",
+        "NODE",
+        "DEVICE",
+        title=f"{deployment} generation {data['generation']} (dp {data['dp_size']}, ep {data['ep_size']})",
+    )
+    for r in data["ranks"]:
+        table.add_row(str(r["rank"]), r["node_id"], str(r["device_index"]))
+    if output is Output.TABLE and data.get("placement"):
+        p, b = data["placement"], data["balancedness"]
+        table.caption = (
+            f"{p['num_layers']} layers x {p['num_experts']} experts in {p['physical_slots']} slots; "
+            f"replicas {p['replicas_min']}..{p['replicas_max']}; balancedness {b['value']:.4f} ({b['scored_on']})"
+        )
+    emit(data, output, table)
