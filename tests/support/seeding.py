@@ -54,7 +54,7 @@ async def _seed(
                 slots_per_rank=spec.slots_per_rank,
                 placement=EncodedArray.encode(placement.phy2log.astype(np.int64)),
                 committed_at=time.time(),
-            ),  # fmt: skip
+            ),
         )
     finally:
         await store.close()

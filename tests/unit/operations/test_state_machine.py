@@ -75,7 +75,7 @@ def acks(
                 started_at=0,
                 finished_at=0,
                 **fields,
-            )  # fmt: skip
+            )
             for i in range(n)
         }
     }
@@ -229,7 +229,7 @@ def test_any_sequence_of_observations_keeps_the_invariants(
                     status=AckStatus(v),
                     started_at=0,
                     finished_at=0,
-                )  # fmt: skip
+                )
                 for i, v in ack_map.items()
             }
         }
