@@ -28,8 +28,9 @@ from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
 
 async def _seed(
     etcd: str, prefix: str, spec: DeploymentSpec, nodes: dict[str, int], dp: int
-) -> None:
+) -> dict[str, int]:
     store = EtcdStore(EtcdConnection([etcd]), KeySpace(prefix))
+    leases: dict[str, int] = {}
     try:
         for node_id, count in nodes.items():
             info = NodeInfo(
@@ -37,6 +38,7 @@ async def _seed(
                 devices=[Device(index=i, kind=DeviceKind.CPU) for i in range(count)], agent_version="seed",
             )  # fmt: skip
             lease = await store.grant_lease(3600)
+            leases[node_id] = lease
             await store.put(store.keys.node(node_id), info, lease=lease)
         ranks = [Rank(node_id=n, device_index=i) for n, c in nodes.items() for i in range(c)][
             : spec.ep_size(dp)
@@ -58,12 +60,26 @@ async def _seed(
         )
     finally:
         await store.close()
+    return leases
 
 
 def seed_serving_deployment(
     etcd: str, prefix: str, spec: dict[str, Any], nodes: dict[str, int], dp: int
-) -> DeploymentSpec:
-    """A deployment already serving at ``dp`` on the first devices of ``nodes`` (generation 1)."""
+) -> dict[str, int]:
+    """A deployment already serving at ``dp`` on the first devices of ``nodes`` (generation 1).
+
+    Returns each node's lease id, so a test can make a node vanish (revoke its lease).
+    """
     parsed = DeploymentSpec.model_validate(spec)
-    asyncio.run(_seed(etcd, prefix, parsed, nodes, dp))
-    return parsed
+    return asyncio.run(_seed(etcd, prefix, parsed, nodes, dp))
+
+
+def revoke_lease(etcd: str, lease: int) -> None:
+    async def go() -> None:
+        store = EtcdStore(EtcdConnection([etcd]), KeySpace("/eep"))
+        try:
+            await store.revoke_lease(lease)
+        finally:
+            await store.close()
+
+    asyncio.run(go())

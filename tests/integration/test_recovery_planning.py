@@ -1,0 +1,79 @@
+"""The leader notices lost nodes and starts recovery on its own (no agents: the plan is what we check)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.processes import start_controller, wait_for
+from tests.support.seeding import revoke_lease, seed_serving_deployment
+
+SPEC = {
+    "name": "rec",
+    "model": {"num_moe_layers": 3, "num_experts": 12, "expert_bytes": 1000, "top_k": 2},
+    "slots_per_rank": 4,
+    "min_dp": 3,
+    "max_dp": 8,
+    "deadlines": {"preparing_s": 2, "transferring_s": 2, "switching_s": 2, "cleanup_s": 2},
+}
+
+
+@pytest.fixture
+def env(etcd: str) -> Iterator[tuple[str, str, dict[str, int]]]:
+    prefix = f"/eep-test/{uuid.uuid4().hex[:12]}"
+    leases = seed_serving_deployment(etcd, prefix, SPEC, {"n1": 2, "n2": 2, "n3": 2}, dp=6)
+    proc = start_controller(etcd, prefix)
+    yield str(proc.url), prefix, leases
+    proc.stop()
+
+
+def _ops(url: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{url}/v1/deployments/rec/operations").json()["items"])
+
+
+def test_lost_node_while_idle_starts_a_recover_operation(
+    env: tuple[str, str, dict[str, int]], etcd: str
+) -> None:
+    url, _, leases = env
+    revoke_lease(etcd, leases["n3"])
+    ops = wait_for(lambda: [o for o in _ops(url) if o["kind"] == "recover"], 10, what="recover op")
+    op = httpx.get(f"{url}/v1/operations/{ops[0]['id']}").json()
+    assert op["request"]["reason"] == "node_lost" and op["requested_by"] == "controller"
+    nodes = {p["node_id"] for p in op["plan"]["participants"]}
+    assert nodes == {"n1", "n2"}  # the lost node takes no part
+    assert op["plan"]["to_dp"] == 4
+    assert op["plan"]["checkpoint_reloads"] > 0  # orphans come back from the checkpoint
+    assert op["plan"]["transfer_world"] == "standby"
+    events = httpx.get(f"{url}/v1/deployments/rec/events").json()["items"]
+    assert any(e["type"] == "operation.created" and e["op_id"] == op["id"] for e in events)
+
+
+def test_lost_node_during_an_operation_aborts_it_then_recovery_follows(
+    env: tuple[str, str, dict[str, int]], etcd: str
+) -> None:
+    url, _, leases = env
+    r = httpx.post(f"{url}/v1/deployments/rec/scale", json={"dp_size": 5}, timeout=30)
+    assert r.status_code == 202
+    first = r.json()["id"]
+    wait_for(
+        lambda: httpx.get(f"{url}/v1/operations/{first}").json()["state"] == "PREPARING",
+        10,
+        what="PREPARING",
+    )
+    revoke_lease(etcd, leases["n2"])
+    aborted = wait_for(
+        lambda: (o := httpx.get(f"{url}/v1/operations/{first}").json())["state"] == "ABORTED" and o,
+        10,
+        what="abort",
+    )
+    assert "n2" in aborted["error"] and "lost" in aborted["error"]
+    assert httpx.get(f"{url}/v1/deployments/rec/layout").json()["generation"] == 1  # g unchanged
+    wait_for(
+        lambda: any(o["kind"] == "recover" for o in _ops(url)),
+        10,
+        what="recover op after the abort",
+    )
