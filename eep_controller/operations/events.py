@@ -51,16 +51,11 @@ def add_event(
     return event
 
 
-async def record_event(
-    store: EtcdStore,
-    deployment: str,
-    type_: str,
-    message: str,
-    op_id: str | None = None,
-    data: Mapping[str, Any] | None = None,
-) -> Event:
-    event_id, event = make_event(deployment, type_, message, op_id, data)
-    await store.put(store.keys.event(deployment, event_id), event)
+async def record_event(store: EtcdStore, deployment: str, type_: str, message: str) -> Event:
+    """Write one event on its own (when there is no change to make atomic with it)."""
+    txn = store.txn()
+    event = add_event(store, txn, deployment, type_, message)
+    await store.commit(txn)
     return event
 
 

@@ -55,7 +55,7 @@ def test_serve_without_endpoints_runs_embedded_etcd_and_stops_it_on_sigterm(
     assert _pid_alive(etcd_pid)
     assert (tmp_path / "etcd").is_dir()
     assert "external etcd cluster" in proc.output()
-    assert proc.stop() == 0
+    assert proc.stop(timeout=45) == 0
     wait_for(lambda: not _pid_alive(etcd_pid), 10, what="embedded etcd to exit")
 
 
@@ -70,7 +70,7 @@ def test_serve_stops_embedded_etcd_on_sigint_too(tmp_path: Path, prefix: str) ->
         lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid"
     )
     proc.signal(signal.SIGINT)
-    proc.popen.wait(15)
+    proc.popen.wait(45)
     wait_for(lambda: not _pid_alive(int(m.group(1))), 10, what="embedded etcd to exit")
 
 

@@ -76,8 +76,9 @@ def test_eepctl_lists_nodes_and_manages_deployments(
 
         spec = tmp_path / "spec.yaml"
         spec.write_text(
-            "name: demo\nmodel:\n  num_moe_layers: 2\n  num_experts: 8\n  expert_bytes: 1024\n"
-            "slots_per_rank: 4\nmin_dp: 2\nmax_dp: 4\n"
+            # min_dp 4 needs 4 devices; the one agent has 2, so bring-up waits (status pending)
+            "name: demo\nmodel:\n  num_moe_layers: 2\n  num_experts: 16\n  expert_bytes: 1024\n"
+            "slots_per_rank: 4\nmin_dp: 4\nmax_dp: 8\n"
         )
         created = subprocess.run(
             [*ctl, "create", "deployment", "-f", str(spec), "-o", "json"],
@@ -98,7 +99,7 @@ def test_eepctl_lists_nodes_and_manages_deployments(
             timeout=60,
             check=True,
         )
-        assert json.loads(one.stdout)["spec"]["max_dp"] == 4
+        assert json.loads(one.stdout)["spec"]["max_dp"] == 8
         again = subprocess.run(
             [*ctl, "create", "deployment", "-f", str(spec)],
             capture_output=True,
