@@ -49,11 +49,11 @@ async def test_user_and_password_are_used_and_required(private_etcd: EmbeddedEtc
     await good.close()
 
     anonymous = EtcdStore(EtcdConnection([ep]), KeySpace("/sec"))
-    with pytest.raises(Exception, match="(?i)user|auth|permission"):
+    with pytest.raises(Exception, match=r"(?i)user|auth|permission"):
         await anonymous.get(anonymous.keys.node("n"), NodeInfo)
     await anonymous.close()
     wrong = EtcdStore(EtcdConnection([ep], username="eep", password="nope"), KeySpace("/sec"))
-    with pytest.raises(Exception, match="(?i)auth|password|user"):
+    with pytest.raises(Exception, match=r"(?i)auth|password|user"):
         await wrong.get(wrong.keys.node("n"), NodeInfo)
     await wrong.close()
 
