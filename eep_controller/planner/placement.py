@@ -111,7 +111,8 @@ def balancedness(placement: Placement, load: npt.ArrayLike) -> float:
     return float(layer_balancedness(placement.by_rank(), weight).mean())
 
 
-def _pack(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -> IntArray:
+def pack_scratch(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -> IntArray:
+    """Pack `counts` replicas onto empty ranks (LPT rounds), then a few pairwise swaps."""
     return pair_swaps(fill_empty(weight, counts, num_ranks, slots), weight, steps=PAIR_STEPS)
 
 
@@ -119,7 +120,7 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
     """Plan every row of `weight` [B, E] independently; returns [B, R, S]."""
     batch = weight.shape[0]
     total = num_ranks * slots_per_rank
-    best = _pack(weight, greedy_counts(weight, total, num_ranks), num_ranks, slots_per_rank)
+    best = pack_scratch(weight, greedy_counts(weight, total, num_ranks), num_ranks, slots_per_rank)
     score = layer_balancedness(best, weight)
     weak = np.flatnonzero(score < SEARCH_BELOW)
     if weak.size and num_ranks > 1:
@@ -127,7 +128,7 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         sub_w = np.tile(weight[weak], (tries, 1))
         caps = np.repeat(np.asarray(REPLICA_CAPS), weak.size) * sub_w.sum(axis=1) / num_ranks
         counts = filler_counts(sub_w, total, num_ranks, caps)
-        tried = _pack(sub_w, counts, num_ranks, slots_per_rank)
+        tried = pack_scratch(sub_w, counts, num_ranks, slots_per_rank)
         tried_score = layer_balancedness(tried, sub_w).reshape(tries, weak.size)
         pick = np.argmax(tried_score, axis=0)
         better = tried_score[pick, np.arange(weak.size)] > score[weak]

@@ -19,8 +19,14 @@ from eep_controller.planner.packing import (
     holdings,
     slot_weights,
 )
-from eep_controller.planner.placement import Placement, layer_balancedness, plan_batch
+from eep_controller.planner.placement import (
+    REPLICA_CAPS,
+    Placement,
+    layer_balancedness,
+    plan_batch,
+)
 from eep_controller.planner.refinement import refine
+from eep_controller.planner.replication import filler_counts, greedy_counts
 from eep_controller.planner.validation import (
     FloatArray,
     IntArray,
@@ -42,6 +48,10 @@ FALLBACK_BELOW = 0.97
 FALLBACK_GAIN = 0.01
 FALLBACK_BUDGET = 3.0
 LIGHT_RANKS = 3
+# A candidate plan balancing at least this well competes on copies alone.
+CHOOSE_ABOVE = 0.99
+# Refinement steps each replica-count option gets before the most promising is chosen.
+SCREEN_STEPS = 40
 
 
 @dataclass(frozen=True, order=True)
@@ -200,8 +210,8 @@ def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: in
         usable = (loads[n[:, 0], hot] > level[rows]) & np.isfinite(local_fit.max(axis=1))
         expert = np.where(usable, local, np.argmax(fit, axis=1))
         # every placed replica of the expert now carries a smaller share
-        cut = share[n[:, 0], expert] - after[n[:, 0], expert]
-        all_loads[rows] -= has[rows, :, expert] * cut[:, None]
+        drop = share[n[:, 0], expert] - after[n[:, 0], expert]
+        all_loads[rows] -= has[rows, :, expert] * drop[:, None]
         counts[rows, expert] += 1
         pending[rows, expert] += 1
         missing[rows] -= 1
@@ -246,7 +256,8 @@ def _target_counts(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
 
 
 def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
-    """Free, in place, the slots of replicas beyond `counts`, hottest ranks first."""
+    """Free, in place, the slots of replicas beyond `counts`: on the hottest rank holding a
+    surplus replica, the one carrying the largest share, until no surplus is left."""
     surplus = count_replicas(phy, weight.shape[1]) - counts
     left = np.maximum(surplus, 0).sum(axis=1)
     for _ in range(int(left.max(initial=0))):
@@ -255,15 +266,100 @@ def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
             break
         n = np.arange(rows.size)
         sub = phy[rows]
-        loads = slot_weights(sub, weight[rows], counts[rows]).sum(axis=2)
+        share = slot_weights(sub, weight[rows], counts[rows])
+        loads = share.sum(axis=2)
         over = (sub >= 0) & (surplus[rows][n[:, None, None], np.maximum(sub, 0)] > 0)
-        score = np.where(over, loads[:, :, None], -np.inf).reshape(rows.size, -1)
-        pick = np.argmax(score, axis=1)
-        rank, slot = np.divmod(pick, phy.shape[2])
+        rank = np.argmax(np.where(over.any(axis=2), loads, -np.inf), axis=1)
+        slot = np.argmax(np.where(over[n, rank], share[n, rank], -np.inf), axis=1)
         expert = sub[n, rank, slot]
         phy[rows, rank, slot] = -1
         surplus[rows, expert] -= 1
         left[rows] -= 1
+
+
+def _sticky(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
+    """Keep every surviving replica the trimmed counts still want, add replicas (see
+    `_add_replicas`) until the counts fill `total` slots, and pack them into the free slots."""
+    phy = phy.copy()
+    counts = _target_counts(phy, weight, total)
+    _drop_surplus(phy, weight, counts)
+    _add_replicas(phy, weight, counts, total)
+    return fill_free_slots(phy, weight, counts)
+
+
+def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:
+    """Reach the replica `counts` planned for the new size with the fewest slot changes:
+    keep the surviving replicas still wanted, free the surplus (hottest ranks first), and
+    pack only the missing replicas into the free slots."""
+    phy = phy.copy()
+    _drop_surplus(phy, weight, counts)
+    return fill_free_slots(phy, weight, counts)
+
+
+def _retarget_options(phy: IntArray, weight: FloatArray) -> IntArray:
+    """`_retargeted` plans [K, B, R, S] for K replica-count options planned for the new size:
+    the greedy and one filler split per cap of `REPLICA_CAPS` (see `filler_counts`)."""
+    batch, ranks, slots = phy.shape
+    total = ranks * slots
+    level = weight.sum(axis=1) / ranks
+    options = [greedy_counts(weight, total, ranks)]
+    options += [filler_counts(weight, total, ranks, cap * level) for cap in REPLICA_CAPS]
+    kinds = len(options)
+    tiled = np.tile(weight, (kinds, 1))
+    plans = _retargeted(np.tile(phy, (kinds, 1, 1)), tiled, np.concatenate(options))
+    return plans.reshape(kinds, batch, ranks, slots)
+
+
+def _pick(bal: FloatArray, copies: IntArray) -> IntArray:
+    """Per column of [K, B] scores: fewest copies among options balancing at least
+    CHOOSE_ABOVE (lowest index on ties), else the best balanced."""
+    good = bal >= CHOOSE_ABOVE
+    key = np.where(good, copies.astype(np.float64), np.inf)
+    pick: IntArray = np.where(good.any(axis=0), np.argmin(key, axis=0), np.argmax(bal, axis=0))
+    return pick
+
+
+def _polish(
+    phy: IntArray, weight: FloatArray, origin: IntArray, *, steps: int = REFINE_STEPS
+) -> IntArray:
+    """`refine` with the rescale settings: copy penalty, stop at GOOD_ENOUGH."""
+    return refine(
+        phy,
+        weight,
+        origin,
+        penalty=COPY_PENALTY,
+        stop_at=GOOD_ENOUGH,
+        max_steps=steps,
+        light_ranks=LIGHT_RANKS,
+    )
+
+
+def _best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
+    """The sticky plan (see `_sticky`), refined with the copy penalty. Layers it leaves below
+    CHOOSE_ABOVE (skewed ones) also get the replica-count search: `_retarget_options`,
+    screened by a short refinement, the most promising refined fully; per layer the better
+    plan by `_pick` is kept."""
+    total = phy.shape[1] * phy.shape[2]
+    best = _polish(_sticky(phy, weight, total), weight, origin)
+    bal = layer_balancedness(best, weight)
+    weak = np.flatnonzero(bal < CHOOSE_ABOVE)
+    if weak.size == 0:
+        return best
+    options = _retarget_options(phy[weak], weight[weak])
+    kinds = options.shape[0]
+    w_k = np.tile(weight[weak], (kinds, 1))
+    o_k = np.tile(origin[weak], (kinds, 1, 1))
+    screened = _polish(options.reshape(-1, *phy.shape[1:]), w_k, o_k, steps=SCREEN_STEPS)
+    screen_bal = layer_balancedness(screened, w_k).reshape(kinds, weak.size)
+    screen_copies = (screened != o_k).sum(axis=(1, 2)).reshape(kinds, weak.size)
+    choice = _pick(screen_bal, screen_copies)
+    other = screened.reshape(kinds, weak.size, *phy.shape[1:])[choice, np.arange(weak.size)]
+    other = _polish(other, weight[weak], origin[weak])
+    bal2 = np.stack([bal[weak], layer_balancedness(other, weight[weak])])
+    copies2 = np.stack([(x != origin[weak]).sum(axis=(1, 2)) for x in (best[weak], other)])
+    take = _pick(bal2, copies2) == 1
+    best[weak[take]] = other[take]
+    return best
 
 
 def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
@@ -361,20 +457,7 @@ def plan_rescale(
     np.put_along_axis(dup, ordered, repeat, axis=2)
     phy[dup] = -1
 
-    total = new_ranks * slots
-    counts = _target_counts(phy, weight, total)
-    _drop_surplus(phy, weight, counts)
-    _add_replicas(phy, weight, counts, total)
-    phy = fill_free_slots(phy, weight, counts)
-    phy = refine(
-        phy,
-        weight,
-        origin,
-        penalty=COPY_PENALTY,
-        stop_at=GOOD_ENOUGH,
-        max_steps=REFINE_STEPS,
-        light_ranks=LIGHT_RANKS,
-    )
+    phy = _best_candidate(phy, weight, origin)
 
     lower_bound = copy_lower_bound(current, new_ranks, removed, failed)
     _fallback(phy, weight, origin, lower_bound)

@@ -4,8 +4,9 @@ Rounds are an edge colouring of the bipartite sender/receiver multigraph: each r
 into k = min(max_sends_per_rank, max_recvs_per_rank) virtual ports, its transfers dealt to
 the ports in turn, and the port graph is coloured with as many colours as its largest degree
 (Koenig's theorem, alternating-path recolouring). So there are ceil(busiest rank's transfers
-/ k) rounds, each at most k transfers long on any rank: the makespan is within k transfers
-of its lower bound.
+/ k) rounds, each at most k transfers long on any rank. That can leave up to k - 1 transfers
+of slack on the busiest rank, so when the one-port colouring (which meets the lower bound
+exactly) is shorter, it is used instead.
 """
 
 from __future__ import annotations
@@ -97,32 +98,9 @@ def _colour_edges(edges: list[tuple[int, int]], num_nodes: int, colours: int) ->
     return colour
 
 
-def schedule_transfers(
-    plan: RescalePlan,
-    expert_bytes: float,
-    *,
-    max_sends_per_rank: int = 1,
-    max_recvs_per_rank: int = 1,
-    link_bandwidth: float | None = None,
-) -> TransferSchedule:
-    """Rounds in which no rank sends more than `max_sends_per_rank` transfers or receives
-    more than `max_recvs_per_rank`; every transfer appears exactly once. Deterministic."""
-    if not expert_bytes > 0:
-        raise ValueError(f"expert_bytes must be positive, got {expert_bytes}")
-    if max_sends_per_rank < 1 or max_recvs_per_rank < 1:
-        raise ValueError("max_sends_per_rank and max_recvs_per_rank must be at least 1")
-    if link_bandwidth is not None and not link_bandwidth > 0:
-        raise ValueError(f"link_bandwidth must be positive, got {link_bandwidth}")
-    bandwidth = 1.0 if link_bandwidth is None else float(link_bandwidth)
-    ranks, slots = plan.placement.num_ranks, plan.placement.slots_per_rank
-    transfers = sorted(plan.transfers)
-    tags = {t: transfer_tag(t, ranks, slots) for t in transfers}
-    if len(set(tags.values())) != len(tags):
-        raise ValueError("plan writes one destination slot more than once")
-
-    # a rank's link is shared by its concurrent transfers, so more concurrency on one side
-    # than the other only lengthens rounds: both sides use the smaller limit
-    ports_per_rank = min(max_sends_per_rank, max_recvs_per_rank)
+def _rounds(transfers: list[Transfer], ports_per_rank: int) -> tuple[list[list[Transfer]], int]:
+    """Rounds of an edge colouring with `ports_per_rank` virtual ports per rank, and the sum
+    over rounds of the busiest rank's transfer count (the makespan in transfers)."""
     sent: dict[int, int] = {}
     received: dict[int, int] = {}
     ports: dict[tuple[str, int, int], int] = {}
@@ -150,8 +128,7 @@ def schedule_transfers(
     for t, c in zip(transfers, colour, strict=True):
         by_round[c].append(t)
     rounds = [r for r in by_round if r]
-
-    makespan = 0.0
+    total = 0
     for group in rounds:
         outs: dict[int, int] = {}
         ins: dict[int, int] = {}
@@ -159,8 +136,50 @@ def schedule_transfers(
             if t.src_rank >= 0:
                 outs[t.src_rank] = outs.get(t.src_rank, 0) + 1
             ins[t.dst_rank] = ins.get(t.dst_rank, 0) + 1
-        busiest = max(max(outs.values(), default=0), max(ins.values(), default=0))
-        makespan += busiest * expert_bytes / bandwidth
+        total += max(max(outs.values(), default=0), max(ins.values(), default=0))
+    return rounds, total
+
+
+def schedule_transfers(
+    plan: RescalePlan,
+    expert_bytes: float,
+    *,
+    max_sends_per_rank: int = 1,
+    max_recvs_per_rank: int = 1,
+    link_bandwidth: float | None = None,
+) -> TransferSchedule:
+    """Rounds in which no rank sends more than `max_sends_per_rank` transfers or receives
+    more than `max_recvs_per_rank`; every transfer appears exactly once. Deterministic."""
+    if not expert_bytes > 0:
+        raise ValueError(f"expert_bytes must be positive, got {expert_bytes}")
+    if max_sends_per_rank < 1 or max_recvs_per_rank < 1:
+        raise ValueError("max_sends_per_rank and max_recvs_per_rank must be at least 1")
+    if link_bandwidth is not None and not link_bandwidth > 0:
+        raise ValueError(f"link_bandwidth must be positive, got {link_bandwidth}")
+    bandwidth = 1.0 if link_bandwidth is None else float(link_bandwidth)
+    ranks, slots = plan.placement.num_ranks, plan.placement.slots_per_rank
+    transfers = sorted(plan.transfers)
+    tags = {t: transfer_tag(t, ranks, slots) for t in transfers}
+    if len(set(tags.values())) != len(tags):
+        raise ValueError("plan writes one destination slot more than once")
+
+    # a rank's link is shared by its concurrent transfers, so more concurrency on one side
+    # than the other only lengthens rounds: both sides use the smaller limit. Several ports
+    # give fewer rounds but can leave up to ports - 1 transfers of slack on the busiest rank;
+    # one port per rank always meets the lower bound, so it is kept when that is shorter.
+    ports_per_rank = min(max_sends_per_rank, max_recvs_per_rank)
+    rounds, busiest_sum = _rounds(transfers, ports_per_rank)
+    if ports_per_rank > 1:
+        single, single_sum = _rounds(transfers, 1)
+        if single_sum < busiest_sum:
+            rounds, busiest_sum = single, single_sum
+    makespan = busiest_sum * expert_bytes / bandwidth
+    sent: dict[int, int] = {}
+    received: dict[int, int] = {}
+    for t in transfers:
+        if t.src_rank >= 0:
+            sent[t.src_rank] = sent.get(t.src_rank, 0) + 1
+        received[t.dst_rank] = received.get(t.dst_rank, 0) + 1
     bytes_out = {r: n * float(expert_bytes) for r, n in sorted(sent.items())}
     bytes_in = {r: n * float(expert_bytes) for r, n in sorted(received.items())}
     peak = max(max(bytes_out.values(), default=0.0), max(bytes_in.values(), default=0.0))

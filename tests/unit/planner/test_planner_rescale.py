@@ -159,3 +159,36 @@ def test_lower_bound_counts_new_slots_and_orphans() -> None:
     assert copy_lower_bound(current, 3, (), ()) == 2  # one new slot in each layer
     assert copy_lower_bound(current, 2, (), (1,)) == 2  # one orphan per layer, one new slot
     assert copy_lower_bound(current, 2, (), ()) == 0
+
+
+def test_skewed_rescales_balance_well_with_bounded_copies() -> None:
+    # Zipf 1.5: the sticky plan alone cannot balance these; the replica-count search must
+    load = zipf_load(4, 64, 1.5, seed=1)
+    for old, new, slots, failed in [(8, 12, 9, ()), (12, 8, 9, ()), (9, 8, 10, (3,))]:
+        current = plan_placement(load, old, slots)
+        plan = plan_rescale(current, load, new, failed_ranks=failed)
+        assert_valid_plan(current, plan, failed)
+        assert plan.stats["balancedness_after"] >= 0.99
+        assert plan.stats["copies"] <= 2.5 * plan.stats["lower_bound"]
+
+
+def test_skewed_rescale_is_deterministic() -> None:
+    load = zipf_load(3, 48, 1.5, seed=4)
+    current = plan_placement(load, 12, 5)
+    a = plan_rescale(current, load, 10)
+    b = plan_rescale(current, load, 10)
+    assert a.placement == b.placement
+    assert a.transfers == b.transfers
+
+
+def test_retargeted_keeps_wanted_survivors_and_places_only_the_deltas() -> None:
+    from eep_controller.planner.packing import count_replicas
+    from eep_controller.planner.rescale import _retargeted
+
+    # one layer, 3 ranks x 2 slots; expert 0 held 3 times, target wants it once
+    phy = np.array([[[0, 1], [0, 2], [0, 3]]])
+    weight = np.array([[1.0, 4.0, 4.0, 4.0]])
+    counts = np.array([[1, 2, 2, 1]])
+    out = _retargeted(phy, weight, counts)
+    assert count_replicas(out, 4).tolist() == counts.tolist()
+    assert int((out != phy).sum()) == 2  # only the two surplus copies of expert 0 change
