@@ -111,13 +111,20 @@ def start_controller(
 
 
 def start_agent(
-    etcd: str, prefix: str, node_id: str, *, devices: str = "cpu:2", lease_ttl: int = 2
+    etcd: str,
+    prefix: str,
+    node_id: str,
+    *,
+    devices: str = "cpu:2",
+    lease_ttl: int = 2,
+    env: dict[str, str] | None = None,
+    extra: list[str] | None = None,
 ) -> Proc:
     args = [
         str(BIN / "eep-agent"), "run", "--etcd", etcd, "--node-id", node_id,
         "--devices", devices, "--prefix", prefix, "--lease-ttl", str(lease_ttl),
     ]  # fmt: skip
-    proc = start(f"agent {node_id}", args)
+    proc = start(f"agent {node_id}", args + (extra or []), env)
     proc.wait_ready()
     return proc
 

@@ -1,0 +1,204 @@
+"""Scale operations end to end through the REST API: real etcd, controller, agents, workers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from eep_controller.store import EmbeddedEtcd
+from tests.conftest import dump_sync
+from tests.e2e.cluster import Cluster, ProbeLoop, make_cluster
+from tests.support.processes import wait_for
+
+pytestmark = [pytest.mark.torch, pytest.mark.timeout(420)]
+
+SLOW_TRANSFERS = {"EEP_TEST_TRANSFER_ROUND_PAUSE_S": "0.4"}
+
+
+@pytest.fixture
+def cluster(private_etcd: EmbeddedEtcd, tmp_path: Path) -> Iterator[Cluster]:
+    c = make_cluster(private_etcd, tmp_path)
+    yield c
+    c.stop()
+
+
+def _committed_events(cluster: Cluster, op_id: str) -> tuple[int, int]:
+    events = [e for e in cluster.events() if e.op_id == op_id]
+    committed = sum(e.type == "operation.committed" for e in events)
+    finished = sum(e.type in ("operation.succeeded", "operation.aborted") for e in events)
+    return committed, finished
+
+
+def _assert_exactly_once(cluster: Cluster, op: dict[str, object], generation_before: int) -> None:
+    committed, finished = _committed_events(cluster, str(op["id"]))
+    assert finished == 1
+    layout = cluster.layout()
+    if op["state"] == "SUCCEEDED":
+        assert committed == 1
+        assert layout.generation == generation_before + 1 and layout.op_id == op["id"]
+    else:
+        assert committed == 0
+        assert layout.generation == generation_before
+
+
+def test_scale_2_4_3_2_with_exact_probes_and_no_failed_requests(cluster: Cluster) -> None:
+    cluster.start_controller()
+    cluster.start_agent("a")
+    cluster.start_agent("b")
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    first = cluster.probe(num_tokens=32, seed=1)
+    assert first.ok and first.generation == 1, first
+
+    with cluster.api() as api:
+        before = dump_sync(cluster.etcd.endpoint, cluster.prefix)
+        preview = api.post("/v1/deployments/moe/scale", json={"dp_size": 4, "dry_run": True})
+        assert preview.status_code == 200 and preview.json()["plan"]["to_dp"] == 4
+        assert (
+            dump_sync(cluster.etcd.endpoint, cluster.prefix) == before
+        )  # a dry run changes nothing
+
+    with ProbeLoop(cluster) as traffic:
+        # ten callers race: exactly one operation, nine 409s naming it
+        def post(_: int) -> httpx.Response:
+            return httpx.post(
+                f"{cluster.url}/v1/deployments/moe/scale", json={"dp_size": 4}, timeout=60
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(post, range(10)))
+        assert sorted(r.status_code for r in responses) == [202] + [409] * 9
+        winner = next(r.json()["id"] for r in responses if r.status_code == 202)
+        assert all(
+            r.json()["active_operation"] == winner for r in responses if r.status_code == 409
+        )
+        ops = [cluster.wait_op(winner)]
+
+        # an idempotent retry returns the same operation
+        key = {"Idempotency-Key": "scale-to-3"}
+        with cluster.api() as api:
+            a = api.post("/v1/deployments/moe/scale", json={"dp_size": 3}, headers=key)
+            b = api.post("/v1/deployments/moe/scale", json={"dp_size": 3}, headers=key)
+        assert a.status_code == b.status_code == 202 and a.json()["id"] == b.json()["id"]
+        ops.append(cluster.wait_op(a.json()["id"]))
+        ops.append(cluster.wait_op(cluster.scale(2)["id"]))
+
+        for gen, (op, dp) in enumerate(zip(ops, (4, 3, 2), strict=True), start=2):
+            assert op["state"] == "SUCCEEDED", op
+            assert op["to_generation"] == gen and op["plan"]["to_dp"] == dp
+            assert op["aborted_requests"] == 0
+    assert not traffic.crashes, traffic.crashes[:3]
+    assert traffic.results, "the probe loop ran"
+    assert traffic.failed_requests == 0
+    assert not traffic.mismatches, traffic.mismatches[:2]
+    final = cluster.probe(num_tokens=32, seed=2)
+    assert final.ok and final.generation == 4
+    assert cluster.layout().dp_size == 2
+
+
+def test_cancel_during_transferring_aborts_and_keeps_serving(cluster: Cluster) -> None:
+    cluster.start_controller()
+    cluster.start_agent("a", env=SLOW_TRANSFERS)
+    cluster.start_agent("b", env=SLOW_TRANSFERS)
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    op = cluster.scale(4)
+    cluster.wait_op(op["id"], 60, states=("TRANSFERRING",))
+    with cluster.api() as api:
+        assert api.post(f"/v1/operations/{op['id']}/cancel").status_code == 202
+    done = cluster.wait_op(op["id"], 60)
+    assert done["state"] == "ABORTED" and "cancel" in done["error"]
+    _assert_exactly_once(cluster, done, 1)
+    with cluster.api() as api:
+        assert api.get("/v1/deployments/moe").json()["active_operation"] is None  # the lock is free
+    result = cluster.probe(num_tokens=32, seed=3)
+    assert result.ok and result.generation == 1, result
+    # the aborted standby world left nothing behind: the next scale works
+    again = cluster.wait_op(cluster.scale(3)["id"], 120)
+    assert again["state"] == "SUCCEEDED", again
+    assert cluster.probe(num_tokens=16, seed=4).ok
+
+
+def test_agent_killed_during_transferring_aborts_then_recovers(cluster: Cluster) -> None:
+    cluster.start_controller()
+    for node in ("a", "b", "c"):
+        cluster.start_agent(node, env=SLOW_TRANSFERS)
+    cluster.bring_up(initial_dp=4, max_dp=6, transferring_s=30)
+    assert {r.node_id for r in cluster.layout().ranks} == {"a", "b"}
+    op = cluster.scale(6)
+    cluster.wait_op(op["id"], 60, states=("TRANSFERRING",))
+    cluster.agents["b"].kill9()
+    done = cluster.wait_op(op["id"], 40)
+    assert done["state"] == "ABORTED", done
+    assert done["updated_at"] - done["history"][-1]["started_at"] <= 30  # within the phase deadline
+    _assert_exactly_once(cluster, done, 1)
+
+    def recover_done() -> dict[str, object] | None:
+        with cluster.api() as api:
+            items = api.get("/v1/deployments/moe/operations").json()["items"]
+        rec = [o for o in items if o["kind"] == "recover"]
+        return rec[0] if rec and rec[0]["state"] in ("SUCCEEDED", "ABORTED") else None
+
+    recovered = wait_for(recover_done, 120, interval=0.5, what="the recover operation")
+    assert recovered["state"] == "SUCCEEDED", recovered
+    assert recovered["request"]["reason"] == "node_lost"
+    layout = cluster.layout()
+    assert "b" not in {r.node_id for r in layout.ranks}
+    with cluster.api() as api:
+        placement = api.get("/v1/deployments/moe/layout").json()["placement"]
+    assert placement["experts_without_replica"] == 0
+    result = cluster.probe(num_tokens=32, seed=5)
+    assert result.ok and result.generation == layout.generation, result
+
+
+def test_controller_killed_mid_operation_ends_it_exactly_once_after_restart(
+    cluster: Cluster,
+) -> None:
+    cluster.start_controller("c1")
+    cluster.start_agent("a", env=SLOW_TRANSFERS)
+    cluster.start_agent("b", env=SLOW_TRANSFERS)
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    op = cluster.scale(4)
+    cluster.wait_op(op["id"], 60, states=("TRANSFERRING",))
+    cluster.controllers[0].kill9()
+    cluster.start_controller("c1-restarted")
+    done = cluster.wait_op(op["id"], 120)
+    _assert_exactly_once(cluster, done, 1)
+    assert cluster.probe(num_tokens=16, seed=6).ok
+
+
+def test_leader_failover_mid_operation_ends_it_exactly_once(cluster: Cluster) -> None:
+    one = cluster.start_controller("one")
+    two = cluster.start_controller("two")
+    cluster.start_agent("a", env=SLOW_TRANSFERS)
+    cluster.start_agent("b", env=SLOW_TRANSFERS)
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    with cluster.api() as api:
+        leader = api.get("/v1/leader").json()["replica_id"]
+    op = cluster.scale(4)
+    cluster.wait_op(op["id"], 60, states=("TRANSFERRING",))
+    (one if leader == "one" else two).kill9()
+    done = cluster.wait_op(op["id"], 120)
+    _assert_exactly_once(cluster, done, 1)
+    with cluster.api() as api:
+        assert api.get("/v1/leader").json()["replica_id"] != leader
+    assert cluster.probe(num_tokens=16, seed=7).ok
+
+
+def test_etcd_restart_during_an_operation_ends_consistently(cluster: Cluster) -> None:
+    cluster.start_controller()
+    cluster.start_agent("a", env=SLOW_TRANSFERS)
+    cluster.start_agent("b", env=SLOW_TRANSFERS)
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    op = cluster.scale(4)
+    cluster.wait_op(op["id"], 60, states=("TRANSFERRING",))
+    cluster.etcd.kill()
+    cluster.etcd.start()
+    done = cluster.wait_op(op["id"], 120)
+    _assert_exactly_once(cluster, done, 1)
+    with cluster.api() as api:
+        assert api.get("/v1/deployments/moe").json()["active_operation"] is None
+    result = cluster.probe(num_tokens=16, seed=8)
+    assert result.ok and result.generation == cluster.layout().generation
