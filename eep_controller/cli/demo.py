@@ -259,9 +259,13 @@ class Demo:
             await self._stop_agents()
             if self.store is not None:
                 await self.store.close()
-            server.cancel()
-            with contextlib.suppress(BaseException):
-                await server
+            runtime.request_stop()
+            try:
+                await asyncio.wait_for(server, 30)
+            except (asyncio.TimeoutError, Exception):
+                server.cancel()
+                with contextlib.suppress(BaseException):
+                    await server
             if runtime.embedded is not None:
                 runtime.embedded.stop()
             if self.own_dir and ok:

@@ -16,7 +16,7 @@ from eep_controller.api.app import BackgroundFactory, create_app
 from eep_controller.api.auth import TokenAuth
 from eep_controller.api.context import ControllerContext
 from eep_controller.config import Settings
-from eep_controller.httpserver import make_server
+from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.operations.reconciler import Reconciler
 from eep_controller.store import (
     EmbeddedEtcd,
@@ -57,6 +57,7 @@ class ControllerRuntime:
     background: list[BackgroundFactory] = field(default_factory=list)
     embedded: EmbeddedEtcd | None = None
     on_ready: Callable[[str], None] | None = None
+    _server: EmbeddedServer | None = None
 
     def _start_etcd(self) -> list[str]:
         if self.settings.etcd.endpoints:
@@ -70,6 +71,11 @@ class ControllerRuntime:
             self.embedded.data_dir,
         )
         return [self.embedded.endpoint]
+
+    def request_stop(self) -> None:
+        """Ask the HTTP server to shut down gracefully (``run`` then returns)."""
+        if self._server is not None:
+            self._server.should_exit = True
 
     async def run(self) -> None:
         check_exposure(self.settings)
@@ -101,6 +107,7 @@ class ControllerRuntime:
 
         app = create_app(ctx, [reconcile, *self.background])
         server = make_server(app, s.server.host, s.server.port)
+        self._server = server
         loop = asyncio.get_running_loop()
 
         def stop() -> None:
