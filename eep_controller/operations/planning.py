@@ -21,6 +21,7 @@ from eep_controller.planner import (
     plan_rescale,
     schedule_transfers,
 )
+from eep_controller.planner.pinning import pin_staying_experts
 from eep_controller.protocol import (
     DeploymentSpec,
     EncodedArray,
@@ -201,6 +202,7 @@ def plan_operation(
         rplan = plan_rescale(
             current, load, new_r, removed_ranks=to_remove, failed_ranks=tuple(failed)
         )
+        rplan = pin_staying_experts(current, rplan)
 
     rank_map = [int(x) for x in rplan.rank_map]
     participants: list[Participant] = []

@@ -1,0 +1,161 @@
+"""Planning an operation: devices, participants, the transfer table, and what each world carries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eep_controller.errors import InsufficientDevices, Invalid
+from eep_controller.operations.planning import PlanInputs, lost_ranks, plan_operation
+from eep_controller.planner import plan_placement
+from eep_controller.protocol import (
+    DeploymentSpec,
+    Device,
+    DeviceKind,
+    EncodedArray,
+    Layout,
+    NodeInfo,
+    OpKind,
+    Rank,
+    ScaleRequest,
+)
+
+L, E, S = 3, 8, 4
+
+
+def spec(**kw: object) -> DeploymentSpec:
+    base: dict[str, object] = {
+        "name": "d",
+        "model": {"num_moe_layers": L, "num_experts": E, "expert_bytes": 100, "top_k": 2},
+        "slots_per_rank": S,
+        "min_dp": 2,
+        "max_dp": 8,
+    }
+    base.update(kw)
+    return DeploymentSpec.model_validate(base)
+
+
+def nodes(*counts: int) -> list[NodeInfo]:
+    return [
+        NodeInfo(
+            node_id=f"n{i}",
+            address="http://x",
+            agent_version="t",
+            devices=[Device(index=d, kind=DeviceKind.CPU) for d in range(c)],
+        )
+        for i, c in enumerate(counts)
+    ]
+
+
+def layout(ranks: int, seed: int = 0) -> Layout:
+    load = np.random.default_rng(seed).lognormal(0, 1, (L, E))
+    rank_list = [Rank(node_id=f"n{r // 4}", device_index=r % 4) for r in range(ranks)]
+    phy = plan_placement(load, ranks, S).phy2log
+    return Layout(deployment="d", generation=3, dp_size=ranks, ranks=rank_list, slots_per_rank=S,
+                  placement=EncodedArray.encode(phy.astype(np.int64)))  # fmt: skip
+
+
+def inputs(lay: Layout, node_list: list[NodeInfo], seed: int = 1, **kw: object) -> PlanInputs:
+    load = np.random.default_rng(seed).lognormal(0, 1, (L, E))
+    return PlanInputs(spec(**kw), lay, node_list, frozenset(), load, 1e9)
+
+
+def check_plan_consistency(plan_inputs: PlanInputs, planned) -> None:  # type: ignore[no-untyped-def]
+    plan = planned.plan
+    old = plan_inputs.layout.phy2log()
+    table = plan.transfers.decode()
+    new = plan.placement.decode()
+    new_to_old = {p.new_rank: p.old_rank for p in plan.participants if p.new_rank is not None}
+    assert sorted(new_to_old) == list(range(new.shape[1] // S))
+    assert len({(p.node_id, p.device_index) for p in plan.participants}) == len(plan.participants)
+    # applying the transfers to the old placement gives the new one, slot by slot
+    rebuilt = np.full_like(new, -1)
+    for n, o in new_to_old.items():
+        if o is not None and old is not None:
+            rebuilt[:, n * S : (n + 1) * S] = old[:, o * S : (o + 1) * S]
+    for layer, expert, src, dst, slot, _rnd, _tag in table.tolist():
+        rebuilt[layer, dst * S + slot] = expert
+        if src >= 0:
+            assert old is not None and expert in old[layer, src * S : (src + 1) * S]
+            in_world_dst = new_to_old[dst] if plan.transfer_world == "active" else dst
+            in_world_src = src if plan.transfer_world == "active" else plan.rank_map[src]
+            assert in_world_src != in_world_dst, "a rank never sends to itself"
+            assert in_world_dst is not None and in_world_src >= 0
+    assert np.array_equal(rebuilt, new)
+    assert len(set(table[:, 6].tolist())) == len(table)  # unique tags
+    assert plan.stats.copies == len(table)
+
+
+@settings(max_examples=40, deadline=None)
+@given(old=st.integers(2, 8), new=st.integers(2, 8), seed=st.integers(0, 1000))
+def test_graceful_rescales_are_consistent(old: int, new: int, seed: int) -> None:
+    lay = layout(old, seed)
+    pi = inputs(lay, nodes(4, 4), seed + 1)
+    planned = plan_operation(pi, ScaleRequest(dp_size=new)) if old != new else None
+    if planned is None:
+        return
+    check_plan_consistency(pi, planned)
+    assert planned.kind is (OpKind.SCALE_UP if new > old else OpKind.SCALE_DOWN)
+    assert planned.plan.transfer_world == ("active" if new < old else "standby")
+
+
+def test_bring_up_reads_every_slot_from_the_checkpoint() -> None:
+    empty = Layout(deployment="d", generation=0, dp_size=0, ranks=[], slots_per_rank=S)
+    planned = plan_operation(inputs(empty, nodes(2, 2)), ScaleRequest(dp_size=3))
+    table = planned.plan.transfers.decode()
+    assert len(table) == L * 3 * S and (table[:, 2] == -1).all()
+    assert all(p.old_rank is None for p in planned.plan.participants)
+    assert planned.plan.stats.checkpoint_reloads == planned.plan.stats.copies
+
+
+def test_failed_ranks_reload_orphans_and_never_send() -> None:
+    lay = layout(6)
+    pi = inputs(lay, nodes(4, 2))
+    planned = plan_operation(pi, ScaleRequest(dp_size=5), failed=[2], allow_below_min=True)
+    check_plan_consistency(pi, planned)
+    table = planned.plan.transfers.decode()
+    assert 2 not in table[:, 2].tolist()
+    assert all(p.old_rank != 2 for p in planned.plan.participants)
+    assert planned.kind is OpKind.RECOVER and planned.plan.transfer_world == "standby"
+
+
+def test_scale_up_takes_free_devices_on_hosting_nodes_first() -> None:
+    lay = layout(3)  # n0 devices 0..2
+    planned = plan_operation(inputs(lay, nodes(4, 4)), ScaleRequest(dp_size=5))
+    joining = [(p.node_id, p.device_index) for p in planned.plan.participants if p.old_rank is None]
+    assert joining == [("n0", 3), ("n1", 0)]
+
+
+def test_missing_devices_are_counted() -> None:
+    with pytest.raises(InsufficientDevices) as err:
+        plan_operation(inputs(layout(4), nodes(4, 1)), ScaleRequest(dp_size=7))
+    assert err.value.extra == {"needed": 3, "available": 1, "missing": 2}
+
+
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        ({"dp_size": 9}, "outside"),
+        ({"dp_size": 1}, "outside"),
+        ({"dp_size": 3, "remove_ranks": [9]}, "out of range"),
+        ({"dp_size": 3, "remove_ranks": [0, 1]}, "names 2"),
+        ({"dp_size": 5, "remove_ranks": [0]}, "only for scaling down"),
+    ],
+)
+def test_invalid_requests_raise(request_body: dict[str, object], message: str) -> None:
+    with pytest.raises(Invalid, match=message):
+        plan_operation(inputs(layout(4), nodes(4, 4)), ScaleRequest.model_validate(request_body))
+
+
+def test_explicit_remove_ranks_are_the_ones_that_leave() -> None:
+    lay = layout(5)
+    pi = inputs(lay, nodes(4, 4))
+    planned = plan_operation(pi, ScaleRequest(dp_size=3, remove_ranks=[1, 3]))
+    check_plan_consistency(pi, planned)
+    assert sorted(p.old_rank for p in planned.plan.participants if p.new_rank is None) == [1, 3]
+
+
+def test_lost_ranks_are_those_without_a_live_node() -> None:
+    assert lost_ranks(layout(6), nodes(4)) == [4, 5]
