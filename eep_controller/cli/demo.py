@@ -369,6 +369,11 @@ class Demo:
                 str(s["requests_served"]), str(s["probes_failed"]),
             )  # fmt: skip
         console.print(table)
+        for s in self.summary:
+            if s["state"] != "SUCCEEDED" or not s["probe_ok"]:
+                console.print(
+                    f"[red]{s['id']} {s['state']}[/]: {s['error'] or 'probe mismatch after the operation'}"
+                )
         t = self.traffic
         console.print(
             f"traffic: {t.probes} probes, {t.requests} requests, {t.failed_requests} failed, {t.mismatches} mismatches"
