@@ -47,6 +47,10 @@ def run(
     state_dir: Path = typer.Option(Path(".eep-state/agent"), help="where workers keep local state"),
     label: list[str] = typer.Option([], help="node label key=value (repeatable)"),
     log_level: str = typer.Option("INFO"),
+    worker_log_level: str = typer.Option("WARNING", help="log level of the worker processes"),
+    load_interval: float = typer.Option(
+        2.0, min=0.1, help="seconds between load-window publications"
+    ),
 ) -> None:
     """Register this node and run its workers until SIGTERM."""
     from eep_agent.daemon import AgentDaemon
@@ -73,8 +77,36 @@ def run(
         advertise_host=advertise_host,
         state_dir=state_dir,
         labels=_labels(label),
+        load_interval_s=load_interval,
+        worker_log_level=worker_log_level.upper(),
     )
     asyncio.run(AgentDaemon(settings).run())
+
+
+@app.command("make-checkpoint")
+def make_checkpoint(
+    layers: int = typer.Option(..., min=1, help="MoE layers"),
+    experts: int = typer.Option(..., min=1, help="logical experts per layer"),
+    hidden: int = typer.Option(..., min=1, help="hidden size H"),
+    inter: int = typer.Option(..., min=1, help="expert intermediate size I"),
+    seed: int = typer.Option(0, help="the same seed writes the same bytes"),
+    out: Path = typer.Option(..., help="directory to write (created if missing)"),
+    top_k: int = typer.Option(2, "--top-k", min=1, help="experts per token of the router"),
+) -> None:
+    """Write a deterministic synthetic checkpoint (safetensors per layer + eep-checkpoint.json)."""
+    from eep_controller.probe.checkpoint import write_synthetic
+
+    try:
+        meta = write_synthetic(
+            out, layers=layers, experts=experts, hidden=hidden, inter=inter, seed=seed, top_k=top_k
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    total = meta.layers * meta.experts * meta.expert_bytes
+    typer.echo(
+        f"wrote {out}: {meta.layers} layers x {meta.experts} experts "
+        f"(H={meta.hidden}, I={meta.inter}, top-k {meta.top_k}), {total / 1e6:.1f} MB of experts"
+    )
 
 
 def main() -> None:

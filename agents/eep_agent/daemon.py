@@ -1,4 +1,13 @@
-"""The agent daemon: node registration, its HTTP endpoint, clean shutdown."""
+"""The agent daemon: node registration, the deployments watch, the workers, the HTTP endpoint.
+
+Startup: HTTP endpoint, node registration (lease), then one :class:`PrefixWatch` over
+``deployments/`` feeds the :class:`DeploymentView`; every change (and a periodic tick)
+runs :meth:`NodeReconciler.reconcile_once`. An etcd restart only pauses the watch and the
+lease keep-alive; the registration re-registers if the lease was lost.
+
+Shutdown (SIGTERM/SIGINT): stop acting, stop every worker cleanly, revoke the lease (the
+node key vanishes at once), stop HTTP.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +15,25 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from eep_agent import __version__
 from eep_agent.http_api import build_app
+from eep_agent.load_publisher import LoadPublisher
+from eep_agent.op_driver import NodeContext, OpDriver
+from eep_agent.reconciler import NodeReconciler
 from eep_agent.registration import NodeRegistration
 from eep_agent.settings import AgentSettings
+from eep_agent.view import DeploymentView
+from eep_agent.worker_pool import WorkerPool
 from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.protocol import NodeInfo
-from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
+from eep_controller.store import EtcdConnection, EtcdStore, KeySpace, PrefixWatch
 
 log = logging.getLogger(__name__)
+
+RECONCILE_TICK_S = 1.0
 
 
 class AgentDaemon:
@@ -33,6 +49,24 @@ class AgentDaemon:
         self.registration: NodeRegistration | None = None
         self.stopping = asyncio.Event()
         self._server: EmbeddedServer | None = None
+        self.pool = WorkerPool(settings.worker_log_level)
+        self.view = DeploymentView(self.store.keys)
+        self.driver = OpDriver(
+            NodeContext(settings.node_id, settings.devices, settings.host, settings.public_host),
+            self.store,
+            self.view,
+            self.pool,
+        )
+        self.reconciler = NodeReconciler(self.driver)
+        self.load_publisher = LoadPublisher(
+            self.store,
+            self.view,
+            self.pool,
+            interval_s=settings.load_interval_s,
+            window_s=settings.load_window_s,
+        )
+        self._background: list[asyncio.Task[None]] = []
+        self._watch: PrefixWatch | None = None
 
     @property
     def registered(self) -> bool:
@@ -41,13 +75,14 @@ class AgentDaemon:
     async def _start_http(self) -> str:
         self._server = make_server(build_app(self), self.settings.host, self.settings.port)
         self._http_task = await self._server.start_in_background()
-        host = self.settings.advertise_host or (
-            self.settings.host if self.settings.host not in ("0.0.0.0", "::") else socket.getfqdn()
-        )
-        return f"http://{host}:{self._server.bound_port}"
+        return f"http://{self.settings.public_host}:{self._server.bound_port}"
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # a bounded pool for blocking calls (worker start/stop): a fixed number of threads
+        loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="eep-agent-io")
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
@@ -69,6 +104,11 @@ class AgentDaemon:
                 log.warning("cannot register with etcd yet: %s", exc)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
+        self._background = [
+            asyncio.create_task(self._watch_deployments(), name="watch-deployments"),
+            asyncio.create_task(self._reconcile_forever(), name="reconcile"),
+            asyncio.create_task(self.load_publisher.run(self.stopping), name="load-window"),
+        ]
         log.info(
             "agent %s serving at %s with %d device(s)", info.node_id, address, len(info.devices)
         )
@@ -76,8 +116,32 @@ class AgentDaemon:
         await self.stopping.wait()
         await self.shutdown()
 
+    async def _watch_deployments(self) -> None:
+        self._watch = PrefixWatch(self.store, self.store.keys.deployments())
+        async for item in self._watch:
+            await self.view.apply(item)
+
+    async def _reconcile_forever(self) -> None:
+        await self.view.synced.wait()
+        while not self.stopping.is_set():
+            try:
+                self.reconciler.reconcile_once()
+            except Exception:
+                log.exception("reconcile failed")
+            await self.view.wait_change(RECONCILE_TICK_S)
+
     async def shutdown(self) -> None:
         log.info("agent %s stopping", self.settings.node_id)
+        self.stopping.set()
+        if self._watch is not None:
+            self._watch.close()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.reconciler.shutdown()
+        await self.pool.stop_all()
         if self.registration is not None:
             with contextlib.suppress(Exception):
                 await self.registration.stop()

@@ -21,3 +21,13 @@ class AgentSettings:
     advertise_host: str | None = None
     state_dir: Path = Path(".eep-state/agent")
     labels: dict[str, str] = field(default_factory=dict)
+    load_interval_s: float = 2.0
+    load_window_s: float = 60.0
+    worker_log_level: str = "WARNING"
+
+    @property
+    def public_host(self) -> str:
+        """The host others use to reach this node's endpoints."""
+        if self.advertise_host:
+            return self.advertise_host
+        return self.host if self.host not in ("0.0.0.0", "::") else socket.getfqdn()

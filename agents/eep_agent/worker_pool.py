@@ -1,0 +1,239 @@
+"""The agent's side of its worker processes: spawn, talk over the control pipe, supervise, stop.
+
+Each :class:`WorkerHandle` owns one spawned process (``torch.multiprocessing``, start
+method ``spawn``), the agent end of its duplex Pipe and one reader thread that matches
+replies to waiting calls. When the process dies, every waiting call fails with
+:class:`WorkerGone` at once, never after a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from eep_agent.runtime.commands import Command, Ready, Reply, Request, Stop, WorkerIdentity
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A command failed inside the worker; ``str()`` is the worker's reason."""
+
+    def __init__(self, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.stale = stale
+
+
+class WorkerGone(WorkerError):
+    """The worker process is not running (any more)."""
+
+
+@dataclass
+class WorkerRecord:
+    """What the agent knows about a worker beyond its process: its place in the deployment."""
+
+    rank: int | None = None
+    generation: int = -1
+    state: str = "starting"
+    draining: bool = False
+    inflight: int = 0
+    served: int = 0
+    aborted: int = 0
+    op_id: str | None = None
+    pending_forwards: set[concurrent.futures.Future[Any]] = field(default_factory=set)
+
+
+class WorkerHandle:
+    """One worker process and its control channel."""
+
+    def __init__(self, identity: WorkerIdentity, log_level: str = "WARNING") -> None:
+        import torch.multiprocessing as tmp
+
+        from eep_agent.runtime.worker import worker_main
+
+        self.identity = identity
+        ctx = tmp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        self._conn: Connection = parent
+        self.process = ctx.Process(
+            target=worker_main,
+            args=(child, identity, log_level),
+            name=f"eep-worker-{identity.deployment}-{identity.device_index}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.record = WorkerRecord()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._closed = False
+        self._reader = threading.Thread(
+            target=self._read_replies,
+            name=f"eep-worker-reader-{identity.device_index}",
+            daemon=True,
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive() and not self._closed
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(message, Ready):
+                if not self._ready.done():
+                    self._ready.set_result(message.pid)
+                continue
+            if not isinstance(message, Reply):
+                continue
+            with self._lock:
+                future = self._pending.pop(message.id, None)
+            if future is None:
+                continue
+            # the waiting side may have cancelled or aborted it meanwhile
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                if message.ok:
+                    future.set_result(message.value)
+                else:
+                    future.set_exception(
+                        WorkerError(message.error or "failed", stale=message.stale)
+                    )
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        self.process.join(timeout=1.0)
+        reason = f"worker pid {self.pid} exited (code {self.process.exitcode})"
+        gone = WorkerGone(reason)
+        with self._lock:
+            self._closed = True
+            pending, self._pending = self._pending, {}
+        if not self._ready.done():
+            self._ready.set_exception(gone)
+        for future in pending.values():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(gone)
+        self.record.state = "exited"
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self._ready), timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerGone(f"worker pid {self.pid} did not start within {timeout_s}s") from None
+        self.record.state = "idle"
+
+    def submit(self, command: Command) -> concurrent.futures.Future[Any]:
+        """Send ``command``; the future resolves with the worker's answer."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(WorkerGone(f"worker pid {self.pid} is not running"))
+                return future
+            request = Request(next(self._ids), command)
+            self._pending[request.id] = future
+        try:
+            with self._send_lock:
+                self._conn.send(request)
+        except (OSError, EOFError, BrokenPipeError) as exc:
+            with self._lock:
+                self._pending.pop(request.id, None)
+            if not future.done():
+                future.set_exception(
+                    WorkerGone(f"worker pid {self.pid}: control channel closed ({exc})")
+                )
+        return future
+
+    async def call(self, command: Command, timeout_s: float) -> Any:
+        """Run ``command`` and return its answer; raises WorkerError / WorkerGone / TimeoutError."""
+        future = self.submit(command)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), max(0.01, timeout_s))
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise WorkerError(
+                f"{type(command).__name__} got no answer within {timeout_s:.1f}s"
+            ) from None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to stop; terminate, then kill, if it does not. Blocking; joins the reader."""
+        if self.process.is_alive():
+            future = self.submit(Stop())
+            with contextlib.suppress(Exception):
+                future.result(timeout=min(timeout_s, 5.0))
+            self.process.join(timeout=timeout_s)
+        if self.process.is_alive():
+            log.warning("worker pid %s did not stop; terminating", self.pid)
+            self.process.terminate()
+            self.process.join(timeout=5.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5.0)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        self._reader.join(timeout=5.0)
+        with contextlib.suppress(Exception):
+            self.process.close()
+        self.record.state = "stopped"
+
+
+class WorkerPool:
+    """Every worker of this agent, keyed by (deployment, device index)."""
+
+    def __init__(self, log_level: str = "WARNING") -> None:
+        self.log_level = log_level
+        self._workers: dict[tuple[str, int], WorkerHandle] = {}
+
+    def get(self, deployment: str, device_index: int) -> WorkerHandle | None:
+        return self._workers.get((deployment, device_index))
+
+    def all(self) -> list[WorkerHandle]:
+        return list(self._workers.values())
+
+    async def start(self, identity: WorkerIdentity, timeout_s: float = 120.0) -> WorkerHandle:
+        key = (identity.deployment, identity.device_index)
+        old = self._workers.get(key)
+        if old is not None and old.alive:
+            return old
+        if old is not None:
+            await self.stop(identity.deployment, identity.device_index)
+        started = time.monotonic()
+        handle = await asyncio.to_thread(WorkerHandle, identity, self.log_level)
+        self._workers[key] = handle
+        await handle.wait_ready(timeout_s)
+        log.info(
+            "worker %s/%s:%d started (pid %s) in %.1fs",
+            identity.deployment, identity.device_kind, identity.device_index, handle.pid, time.monotonic() - started,
+        )  # fmt: skip
+        return handle
+
+    async def stop(self, deployment: str, device_index: int) -> None:
+        handle = self._workers.pop((deployment, device_index), None)
+        if handle is not None:
+            await asyncio.to_thread(handle.stop)
+
+    async def stop_all(self) -> None:
+        handles = list(self._workers.items())
+        self._workers.clear()
+        await asyncio.gather(*(asyncio.to_thread(h.stop) for _, h in handles))

@@ -1,0 +1,266 @@
+"""The agent as a long-running daemon: many scale cycles without leaks, etcd restarts, SIGTERM,
+the load window, and its HTTP surface."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from eep_controller.protocol import (
+    EncodedArray,
+    ForwardRequest,
+    LoadWindow,
+    Operation,
+    OpKind,
+    OpState,
+    ScaleRequest,
+)
+from eep_controller.store import EmbeddedEtcd
+from tests.integration.agent.harness import (
+    ContractDriver,
+    ranks,
+    round_robin_placement,
+    simple_plan,
+    spec_for,
+    start_agent,
+)
+from tests.support.processes import Proc
+
+pytestmark = [pytest.mark.torch, pytest.mark.timeout(240)]
+
+JSON = {"content-type": "application/json"}
+TWO = ranks(("a", 0), ("a", 1))
+THREE = ranks(("a", 0), ("a", 1), ("a", 2))
+FOUR = ranks(("a", 0), ("a", 1), ("b", 0), ("b", 1))
+
+
+def _placement(driver: ContractDriver, n: int, shift: int = 0):  # type: ignore[no-untyped-def]
+    m = driver.spec.model
+    return round_robin_placement(
+        m.num_moe_layers, m.num_experts, n, driver.spec.slots_per_rank, shift
+    )
+
+
+def _usage(proc: psutil.Process) -> tuple[int, int, int]:
+    return proc.num_fds(), proc.num_threads(), proc.memory_info().rss
+
+
+def _tree(agent: Proc) -> dict[str, tuple[int, int, int]]:
+    """fds, threads, RSS of the agent and of the workers that live through every cycle (devices 0, 1)."""
+    parent = psutil.Process(agent.pid)
+    out = {"agent": _usage(parent)}
+    pids = {
+        w["device_index"]: w["pid"]
+        for w in httpx.get(f"{agent.url}/v1/workers", timeout=10).json()["workers"]
+    }
+    for device in (0, 1):
+        out[f"worker{device}"] = _usage(psutil.Process(pids[device]))
+    return out
+
+
+async def test_twenty_scale_cycles_leak_no_fds_threads_or_memory(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    agents.append(start_agent(etcd, prefix, "a", 3))
+    agent = agents[0]
+    assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+
+    async def cycle(i: int) -> None:
+        up = await driver.run_op(THREE, _placement(driver, 3, shift=i))
+        assert up.state is OpState.SUCCEEDED, up.acks
+        down = await driver.run_op(TWO, _placement(driver, 2, shift=i + 1))
+        assert down.state is OpState.SUCCEEDED, down.acks
+
+    for i in range(2):  # warm-up: lazy imports, allocator pools, the agent's bounded thread pool
+        await cycle(i)
+    base = _tree(agent)
+    base_children = len(psutil.Process(agent.pid).children())
+    started = time.monotonic()
+    for i in range(20):
+        await cycle(i)
+    took = time.monotonic() - started
+    after = _tree(agent)
+    result = await driver.probe(num_tokens=8, seed=3)
+    assert result.ok, result
+    assert (
+        len(psutil.Process(agent.pid).children()) == base_children
+    )  # joined workers were all reaped
+    for name, (fds, threads, rss) in after.items():
+        fds0, threads0, rss0 = base[name]
+        assert fds <= fds0 + 4, f"{name}: fds {fds0} -> {fds} over 20 cycles"
+        assert threads <= threads0 + 2, f"{name}: threads {threads0} -> {threads} over 20 cycles"
+        assert rss <= rss0 + 32 * 2**20, (
+            f"{name}: RSS {rss0 >> 20} MiB -> {rss >> 20} MiB over 20 cycles"
+        )
+    print(f"20 cycles in {took:.1f}s; before {base}; after {after}")
+
+
+async def test_agents_ride_out_an_etcd_restart_and_then_complete_an_operation(
+    private_etcd: EmbeddedEtcd, prefix: str, small_checkpoint: Path, agents: list[Proc]
+) -> None:
+    etcd = private_etcd.endpoint
+    spec = spec_for("moe", small_checkpoint, slots=4, max_dp=8)
+    driver = ContractDriver(etcd, prefix, spec)
+    try:
+        await driver.write_spec()
+        agents += [start_agent(etcd, prefix, "a", 2), start_agent(etcd, prefix, "b", 2)]
+        assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+        private_etcd.kill()
+        await asyncio.sleep(3.0)  # longer than the agents' 2 s lease TTL
+        private_etcd.start()
+        # both nodes are registered again (a fresh lease if the old one expired meanwhile)
+        deadline = time.monotonic() + 20
+        while len(await driver.addresses()) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert set(await driver.addresses()) == {"a", "b"}
+        outcome = await driver.run_op(FOUR, _placement(driver, 4, shift=1))
+        assert outcome.state is OpState.SUCCEEDED, outcome.acks
+        result = await driver.probe(num_tokens=8, seed=4)
+        assert result.ok and result.generation == 2, result
+        assert all(a.alive() for a in agents)
+    finally:
+        await driver.close()
+
+
+async def test_sigterm_stops_the_workers_and_revokes_the_lease_at_once(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    proc = start_agent(etcd, prefix, "a", 2)
+    agents.append(proc)
+    assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+    pids = [w["pid"] for w in httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]]
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    proc.signal(signal.SIGTERM)
+    code = proc.popen.wait(20)
+    assert code == 0
+    assert "a" not in await driver.addresses()  # revoked, not left to expire
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+    )
+
+
+async def test_forward_endpoint_answers_409_stale_layout_for_experts_a_worker_does_not_hold(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    proc = start_agent(etcd, prefix, "a", 2)
+    agents.append(proc)
+    placement = _placement(driver, 2)
+    assert (await driver.run_op(TWO, placement)).state is OpState.SUCCEEDED
+    held = set(placement[0, :4].tolist())
+    missing = next(e for e in range(driver.spec.model.num_experts) if e not in held)
+    tokens = np.ones((1, 32), dtype=np.float32)
+    body = ForwardRequest(
+        generation=1,
+        layer=0,
+        experts=EncodedArray.encode(np.array([missing])),
+        tokens=EncodedArray.encode(tokens),
+    )
+    async with httpx.AsyncClient(base_url=proc.url or "") as http:
+        resp = await http.post(
+            "/v1/deployments/moe/devices/0/forward", content=body.model_dump_json(), headers=JSON
+        )
+        assert resp.status_code == 409
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert resp.json()["type"].endswith("/stale-layout")
+        ok = body.model_copy(update={"experts": EncodedArray.encode(np.array([sorted(held)[0]]))})
+        resp = await http.post(
+            "/v1/deployments/moe/devices/0/forward", content=ok.model_dump_json(), headers=JSON
+        )
+        assert resp.status_code == 200 and resp.json()["generation"] == 1
+        resp = await http.post(
+            "/v1/deployments/moe/devices/9/forward", content=ok.model_dump_json(), headers=JSON
+        )
+        assert resp.status_code == 404
+        workers = (await http.get("/v1/workers")).json()["workers"]
+        assert sorted((w["rank"], w["generation"], w["state"]) for w in workers) == [
+            (0, 1, "serving"),
+            (1, 1, "serving"),
+        ]
+
+
+async def test_the_load_window_counts_the_tokens_the_workers_served(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    agents += [start_agent(etcd, prefix, "a", 2), start_agent(etcd, prefix, "b", 2)]
+    assert (await driver.run_op(FOUR, _placement(driver, 4))).state is OpState.SUCCEEDED
+    tokens, layers, top_k = 20, driver.spec.model.num_moe_layers, driver.spec.model.top_k
+    result = await driver.probe(num_tokens=tokens, seed=21)
+    assert result.ok
+
+    async def window() -> LoadWindow | None:
+        got = await driver.store.get(driver.keys.load("moe"), LoadWindow)
+        return None if got is None else got.value
+
+    deadline = time.monotonic() + 10
+    total = 0.0
+    while time.monotonic() < deadline:
+        w = await window()
+        # the window decays slowly (60 s), so the sum approaches but never exceeds what was served
+        total = 0.0 if w is None else float(w.load.decode().sum())
+        if total > 0.98 * tokens * layers * top_k:
+            break
+        await asyncio.sleep(0.2)
+    assert 0.98 * tokens * layers * top_k < total <= tokens * layers * top_k
+    w = await window()
+    assert (
+        w is not None
+        and w.generation == 1
+        and w.load.shape == [layers, driver.spec.model.num_experts]
+    )
+
+
+async def test_an_agent_replaces_a_crashed_worker_and_ignores_operations_of_another_generation(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    proc = start_agent(etcd, prefix, "a", 3)
+    agents.append(proc)
+    assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+    # fencing: an op planned from generation 0 while generation 1 is committed gets no ack
+    layout = await driver.layout()
+    assert layout is not None and layout.generation == 1
+    stale_plan = simple_plan(
+        None, THREE, _placement(driver, 3), driver.spec.slots_per_rank, world="standby"
+    )
+    now = time.time()
+    stale = Operation(
+        id="op-stale", deployment="moe", kind=OpKind.SCALE_UP, state=OpState.PREPARING, from_generation=0,
+        to_generation=1, request=ScaleRequest(dp_size=3), plan=stale_plan, created_at=now, updated_at=now,
+        phase_deadline_at=now + 30,
+    )  # fmt: skip
+    await driver.store.put(driver.keys.op("moe", stale.id), stale)
+    # a committed worker crashes: the agent starts a new one from the checkpoint
+    before = {
+        w["device_index"]: w["pid"]
+        for w in httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]
+    }
+    psutil.Process(before[1]).kill()
+    deadline = time.monotonic() + 30
+    healed = None
+    while time.monotonic() < deadline:
+        workers = httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]
+        healed = next(
+            (w for w in workers if w["device_index"] == 1 and w["alive"] and w["pid"] != before[1]),
+            None,
+        )
+        if healed is not None and healed["state"] == "serving":
+            break
+        await asyncio.sleep(0.2)
+    assert healed is not None and healed["state"] == "serving" and healed["rank"] == 1, healed
+    result = await driver.probe(num_tokens=12, seed=8)
+    assert result.ok, result
+    assert await driver.acks(stale, OpState.PREPARING) == {}
+    assert 2 not in {
+        w["device_index"] for w in httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]
+    }
