@@ -161,17 +161,9 @@ async def create_operation(
     """Validate, plan and record an operation, taking the deployment lock in the same txn."""
     keys = store.keys
     fp = fingerprint(name, request)
-    if idempotency_key is not None:
-        replay = await _replay(store, idempotency_key, fp)
-        if replay is not None:
-            return replay
-    lock = await store.get(keys.lock(name), LockRecord)
-    if lock is not None:
-        await _read_spec_layout(store, name)  # 404 before 409 for unknown deployments
-        raise ActiveOperation(
-            f"deployment {name!r} has an active operation {lock.value.op_id}",
-            active_operation=lock.value.op_id,
-        )
+    replay = await _replay_or_refuse(store, name, idempotency_key, fp)
+    if replay is not None:
+        return replay
     inputs, layout = await plan_inputs(store, name, link_bandwidth)
     spec = inputs.spec
     lost = lost_ranks(layout.value, inputs.nodes)
@@ -245,17 +237,27 @@ async def create_operation(
     if await store.commit(txn):
         return ScaleOutcome(202, op_view(op))
     # lost a race: tell the caller who won
+    replay = await _replay_or_refuse(store, name, idempotency_key, fp)
+    if replay is not None:
+        return replay
+    raise Conflict(f"deployment {name!r} changed while planning; retry")
+
+
+async def _replay_or_refuse(
+    store: EtcdStore, name: str, idempotency_key: str | None, fp: str
+) -> ScaleOutcome | None:
+    """The operation an Idempotency-Key already made; else ActiveOperation if one holds the lock."""
     if idempotency_key is not None:
         replay = await _replay(store, idempotency_key, fp)
         if replay is not None:
             return replay
-    lock = await store.get(keys.lock(name), LockRecord)
+    lock = await store.get(store.keys.lock(name), LockRecord)
     if lock is not None:
         raise ActiveOperation(
             f"deployment {name!r} has an active operation {lock.value.op_id}",
             active_operation=lock.value.op_id,
         )
-    raise Conflict(f"deployment {name!r} changed while planning; retry")
+    return None
 
 
 async def _replay(store: EtcdStore, key: str, fp: str) -> ScaleOutcome | None:
