@@ -247,7 +247,9 @@ class Demo:
             self._print_summary(ok)
             if not cfg.exit_when_done:
                 console.print(
-                    f"\nthe demo keeps running: try [bold]eepctl --server {self.url} layout demo[/]; Ctrl-C stops it"
+                    f"\neep demo ready at {self.url} and keeps running: try "
+                    f"[bold]eepctl --server {self.url} layout demo[/]; Ctrl-C stops it",
+                    soft_wrap=True,
                 )
                 await server  # the controller stops on Ctrl-C / SIGTERM
         finally:
