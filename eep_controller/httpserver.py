@@ -37,6 +37,12 @@ class EmbeddedServer(uvicorn.Server):
 
 def make_server(app: Any, host: str, port: int) -> EmbeddedServer:
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,  # open streams (SSE) must not hold a shutdown forever
     )
     return EmbeddedServer(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -28,6 +29,8 @@ from eep_controller.store import (
 )
 
 log = logging.getLogger(__name__)
+
+HARD_STOP_S = 30.0
 
 
 def is_loopback(host: str) -> bool:
@@ -72,6 +75,12 @@ class ControllerRuntime:
         )
         return [self.embedded.endpoint]
 
+    def _hard_stop(self) -> None:
+        log.error("shutdown did not finish within %ss; stopping hard", HARD_STOP_S)
+        if self.embedded is not None:
+            self.embedded.stop(timeout_s=5)
+        os._exit(3)
+
     def request_stop(self) -> None:
         """Ask the HTTP server to shut down gracefully (``run`` then returns)."""
         if self._server is not None:
@@ -111,7 +120,12 @@ class ControllerRuntime:
         loop = asyncio.get_running_loop()
 
         def stop() -> None:
+            if server.should_exit:
+                return
             server.should_exit = True
+            # a shutdown must never hang: show where it is stuck, then stop hard
+            faulthandler.dump_traceback_later(HARD_STOP_S / 2, exit=False)
+            loop.call_later(HARD_STOP_S, self._hard_stop)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -129,4 +143,6 @@ class ControllerRuntime:
         try:
             await task
         finally:
-            await store.close()
+            faulthandler.cancel_dump_traceback_later()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(store.close(), 5)

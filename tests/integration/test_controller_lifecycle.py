@@ -55,7 +55,7 @@ def test_serve_without_endpoints_runs_embedded_etcd_and_stops_it_on_sigterm(
     assert _pid_alive(etcd_pid)
     assert (tmp_path / "etcd").is_dir()
     assert "external etcd cluster" in proc.output()
-    assert proc.stop(timeout=45) == 0
+    assert proc.stop(timeout=45) == 0, proc.output()[-4000:]
     wait_for(lambda: not _pid_alive(etcd_pid), 10, what="embedded etcd to exit")
 
 
