@@ -160,27 +160,37 @@ def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> 
     A partner always exists while each count is <= R: some rank without the expert holds an
     expert the crowded rank lacks. The swap partner is the slot of most similar load.
     """
-    num_experts = weight.shape[1]
-    for _ in range(phy.shape[1] * phy.shape[2] + 1):
-        ordered = np.sort(phy, axis=2)
-        crowded = np.argwhere(np.any(ordered[:, :, 1:] == ordered[:, :, :-1], axis=2))
-        if crowded.size == 0:
-            return
-        for row, rank in crowded:
-            layer = phy[row]
-            values, first = np.unique(layer[rank], return_index=True)
-            repeated = np.setdiff1d(np.arange(layer.shape[1]), first)
-            share = weight[row] / np.maximum(counts[row], 1)
-            for slot in repeated:
-                expert = int(layer[rank, slot])
-                held = np.zeros((layer.shape[0], num_experts), dtype=bool)
-                np.put_along_axis(held, layer, True, axis=1)
-                fits = ~held[:, expert][:, None] & ~held[rank][layer]
-                gap = np.where(fits, np.abs(share[layer] - share[expert]), np.inf)
-                best = int(np.argmin(gap))
-                if not np.isfinite(gap.flat[best]):
-                    raise AssertionError(f"no swap separates expert {expert} on rank {rank}")
-                other, other_slot = divmod(best, layer.shape[1])
-                layer[rank, slot], layer[other, other_slot] = layer[other, other_slot], expert
-            del values
-    raise AssertionError("duplicate replicas could not be separated")
+    batch, _, slots = phy.shape
+    earlier = np.tri(slots, slots, -1, dtype=bool)  # earlier[s, t]: slot t comes before s
+    share = weight / np.maximum(counts, 1)
+    # slots repeating an expert an earlier slot of their rank holds, in (row, rank, slot)
+    # order; a swap never makes a duplicate, so the list only needs checking, not refreshing
+    same = phy[:, :, :, None] == phy[:, :, None, :]
+    todo = np.argwhere(np.any(same & earlier, axis=3))
+    if todo.size == 0:
+        return
+    per_row = np.bincount(todo[:, 0], minlength=batch)
+    start = np.concatenate(([0], np.cumsum(per_row)[:-1]))
+    for k in range(int(per_row.max())):
+        rows = np.flatnonzero(per_row > k)
+        rank, slot = todo[start[rows] + k, 1], todo[start[rows] + k, 2]
+        expert = phy[rows, rank, slot]
+        # still a repeat: an earlier partner swap may have taken the other copy away
+        still = np.any((phy[rows, rank] == expert[:, None]) & earlier[slot], axis=1)
+        rows, rank, slot, expert = rows[still], rank[still], slot[still], expert[still]
+        if rows.size == 0:
+            continue
+        n = np.arange(rows.size)
+        sub = phy[rows]
+        has = holdings(sub, weight.shape[1])
+        # partner slots: their rank lacks the expert, and the crowded rank lacks theirs
+        fits = ~has[n, :, expert][:, :, None] & ~has[n[:, None, None], rank[:, None, None], sub]
+        sub_share = share[rows[:, None, None], sub]
+        gap = np.where(fits, np.abs(sub_share - share[rows, expert][:, None, None]), np.inf)
+        best = np.argmin(gap.reshape(rows.size, -1), axis=1)
+        if not np.all(np.isfinite(gap.reshape(rows.size, -1)[n, best])):
+            raise AssertionError("no swap separates a duplicate replica")
+        other, other_slot = np.divmod(best, slots)
+        moved = sub[n, other, other_slot]
+        phy[rows, rank, slot] = moved
+        phy[rows, other, other_slot] = expert

@@ -9,6 +9,7 @@ from eep_controller.planner.packing import count_replicas, fill_empty, slot_weig
 from eep_controller.planner.refinement import pair_swaps, refine
 from eep_controller.planner.replication import filler_counts, greedy_counts
 from eep_controller.planner.validation import (
+    BoolArray,
     FloatArray,
     IntArray,
     checked_capacity,
@@ -18,6 +19,8 @@ from eep_controller.planner.validation import (
 
 # Layers whose first plan balances below this get the replica-count search.
 SEARCH_BELOW = 0.99
+# A searched layer tries no further cap once it balances this well.
+SEARCH_DONE = 0.999
 # Heaviest replica allowed, as a fraction of the mean rank load, for each searched candidate.
 REPLICA_CAPS = (0.97, 0.93, 0.9, 0.85)
 PAIR_STEPS = 8
@@ -116,24 +119,53 @@ def pack_scratch(weight: FloatArray, counts: IntArray, num_ranks: int, slots: in
     return pair_swaps(fill_empty(weight, counts, num_ranks, slots), weight, steps=PAIR_STEPS)
 
 
+def _cannot_reach(weight: FloatArray, counts: IntArray, num_ranks: int, level: float) -> BoolArray:
+    """Rows [B] no packing of `counts` [B, E] can balance to `level`: some replica alone
+    exceeds the allowed peak (mean / level), or more than k * R replicas exceed 1 / (k + 1)
+    of it (k = 1..3), so some rank would hold k + 1 of them."""
+    share = weight / np.maximum(counts, 1)
+    peak = weight.sum(axis=1, keepdims=True) / num_ranks / level
+    out: BoolArray = np.any(share > peak * (1 + 1e-12), axis=1)
+    for k in (1, 2, 3):
+        big = (counts * (share > peak / (k + 1))).sum(axis=1)
+        out |= big > k * num_ranks
+    out &= peak[:, 0] > 0
+    return out
+
+
 def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntArray:
     """Plan every row of `weight` [B, E] independently; returns [B, R, S]."""
     batch = weight.shape[0]
     total = num_ranks * slots_per_rank
-    best = pack_scratch(weight, greedy_counts(weight, total, num_ranks), num_ranks, slots_per_rank)
-    score = layer_balancedness(best, weight)
+    greedy = greedy_counts(weight, total, num_ranks)
+    # layers whose greedy counts cannot pack to SEARCH_BELOW go straight to the search
+    hopeless = _cannot_reach(weight, greedy, num_ranks, SEARCH_BELOW) & (num_ranks > 1)
+    hopeful = np.flatnonzero(~hopeless)
+    best = np.full((batch, num_ranks, slots_per_rank), -1, dtype=np.int64)
+    score = np.full(batch, -1.0)
+    if hopeful.size:
+        best[hopeful] = pack_scratch(weight[hopeful], greedy[hopeful], num_ranks, slots_per_rank)
+        score[hopeful] = layer_balancedness(best[hopeful], weight[hopeful])
     weak = np.flatnonzero(score < SEARCH_BELOW)
-    if weak.size and num_ranks > 1:
-        tries = len(REPLICA_CAPS)
-        sub_w = np.tile(weight[weak], (tries, 1))
-        caps = np.repeat(np.asarray(REPLICA_CAPS), weak.size) * sub_w.sum(axis=1) / num_ranks
+    # caps from the mildest split on; a layer stops searching once it balances SEARCH_DONE
+    for cap in REPLICA_CAPS:
+        if weak.size == 0:
+            break
+        sub_w = weight[weak]
+        caps = np.full(weak.size, cap) * sub_w.sum(axis=1) / num_ranks
         counts = filler_counts(sub_w, total, num_ranks, caps)
         tried = pack_scratch(sub_w, counts, num_ranks, slots_per_rank)
-        tried_score = layer_balancedness(tried, sub_w).reshape(tries, weak.size)
-        pick = np.argmax(tried_score, axis=0)
-        better = tried_score[pick, np.arange(weak.size)] > score[weak]
-        chosen = tried.reshape(tries, weak.size, num_ranks, slots_per_rank)
-        best[weak[better]] = chosen[pick[better], np.flatnonzero(better)]
+        tried_score = layer_balancedness(tried, sub_w)
+        better = tried_score > score[weak]
+        best[weak[better]] = tried[better]
+        score[weak[better]] = tried_score[better]
+        weak = weak[score[weak] < SEARCH_DONE]
+    # layers that skipped the greedy get it still when the search stayed below SEARCH_BELOW
+    rest = np.flatnonzero(hopeless & (score < SEARCH_BELOW))
+    if rest.size:
+        tried = pack_scratch(weight[rest], greedy[rest], num_ranks, slots_per_rank)
+        better = layer_balancedness(tried, weight[rest]) > score[rest]
+        best[rest[better]] = tried[better]
     empty = np.full((batch, num_ranks, slots_per_rank), -1, dtype=np.int64)
     return refine(best, weight, empty, stop_at=REFINE_UNTIL, max_steps=REFINE_STEPS)
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 import numpy as np
 
 from eep_controller.planner.packing import count_replicas, holdings, slot_weights
-from eep_controller.planner.validation import FloatArray, IntArray
+from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 
 LIGHT_RANKS = 2
 FREE_BONUS = 1e6
 CANDIDATE_SLOTS = 64
+# 1 / copies a move adds, indexed by copies + 2 (a move adds -2 to 2 copies; free: 1).
+_PER_COPY = np.array([1.0, 1.0, 1.0, 1.0, 0.5])
 
 
 def refine(
@@ -45,7 +47,8 @@ def refine(
         return phy
     num_experts = weight.shape[1]
     counts = count_replicas(phy, num_experts)
-    has = holdings(phy, num_experts)
+    # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
+    held = np.ascontiguousarray(holdings(phy, num_experts).transpose(0, 2, 1))
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     mean = loads.mean(axis=1)
     price = penalty * mean
@@ -54,129 +57,140 @@ def refine(
     # with many slots per rank each candidate rank is costly: look at fewer of them
     light = max(1, min(light_ranks, ranks - 1, CANDIDATE_SLOTS // slots))
     slot_idx = np.tile(np.arange(slots), light)
-    all_ranks = np.arange(ranks)
+    width = light * slots
 
     for _ in range(max_steps):
         if active.size == 0:
             break
         n = active.size
+        rows = np.arange(n)
+        r_col = rows[:, None]
         a_col = active[:, None]
         row_loads = loads[active]
         hot = np.argmax(row_loads, axis=1)
-        hot_load = row_loads[np.arange(n), hot]
+        hot_load = row_loads[rows, hot]
         # lightest ranks other than the hottest (ties broken by rank id, so deterministic)
-        order = np.argsort(np.where(all_ranks[None, :] == hot[:, None], np.inf, row_loads), axis=1)
-        lightest = order[:, :light]
+        masked = row_loads.copy()
+        masked[rows, hot] = np.inf
+        lightest = np.argsort(masked, axis=1)[:, :light]
         q_rank = np.repeat(lightest, slots, axis=1)  # [n, J]
         q_slot = np.broadcast_to(slot_idx, q_rank.shape)
         e_j = phy[a_col, q_rank, q_slot]
         o_j = origin[a_col, q_rank, q_slot]
-        l_q = row_loads[np.arange(n)[:, None], q_rank]
+        l_q = row_loads[r_col, q_rank]
         e_i = phy[active, hot, :]  # [n, S]
         o_i = origin[active, hot, :]
         cnt = counts[active]
         w_row = weight[active]
-        w_i = w_row[np.arange(n)[:, None], e_i]
-        c_i = cnt[np.arange(n)[:, None], e_i]
-        w_j = w_row[np.arange(n)[:, None], e_j]
-        c_j = cnt[np.arange(n)[:, None], e_j]
+        w_i = w_row[r_col, e_i]
+        c_i = cnt[r_col, e_i]
+        w_j = w_row[r_col, e_j]
+        c_j = cnt[r_col, e_j]
         share_i = w_i / c_i
         share_j = w_j / c_j
         tol = 1e-9 * hot_load[:, None, None]
         h3 = hot_load[:, None, None]
         lq3 = l_q[:, None, :]
-        q_has_i = has[active[:, None, None], q_rank[:, None, :], e_i[:, :, None]]  # [n, S, J]
-        h_has_j = has[a_col, hot[:, None], e_j]  # [n, J]
+        # q_has_i[n, i, j]: the rank of candidate slot j holds expert e_i; computed per light
+        # rank and broadcast over its slots (candidate j = light rank j // S, slot j % S)
+        q_has = np.take_along_axis(held[a_col, e_i], lightest[:, None, :], axis=2)
+        q_has_i = np.broadcast_to(q_has[..., None], (n, slots, light, slots)).reshape(n, slots, -1)
+        h_has_j = held[a_col, e_j, hot[:, None]]  # [n, J]
+        fresh_i = e_i != o_i
+        fresh_j = e_j != o_j
+        price3 = price[active][:, None, None]
 
         # swap slot i of h with slot j of q
-        new_h = h3 - share_i[:, :, None] + share_j[:, None, :]
-        new_q = lq3 + share_i[:, :, None] - share_j[:, None, :]
-        gain_swap = h3 - np.maximum(new_h, new_q)
-        ne = np.not_equal
+        moved = share_i[:, :, None] - share_j[:, None, :]
+        gain_swap = np.minimum(moved, (h3 - lq3) - moved)
         d_swap = (
-            ne(e_j[:, None, :], o_i[:, :, None]).astype(np.int64)
-            + ne(e_i[:, :, None], o_j[:, None, :])
-            - ne(e_i, o_i)[:, :, None]
-            - ne(e_j, o_j)[:, None, :]
+            np.not_equal(e_j[:, None, :], o_i[:, :, None]).astype(np.int8)
+            + np.not_equal(e_i[:, :, None], o_j[:, None, :])
+            - fresh_i[:, :, None]
+            - fresh_j[:, None, :]
         )
-        ok_swap = ~q_has_i & ~h_has_j[:, None, :] & (gain_swap > tol)
-        score_swap = np.where(ok_swap, _value(gain_swap, d_swap, price[active]), -np.inf)
+        bar_swap = q_has_i | h_has_j[:, None, :] | (gain_swap <= tol)
+        score_swap = _value(gain_swap, d_swap, price3, bar_swap)
 
         # slot j of q becomes one more replica of expert e_i (held by h)
         drop_rise = np.where(c_j >= 2, w_j / np.maximum(c_j - 1, 1) - share_j, 0.0)
         add_cut = share_i - w_i / (c_i + 1)
         new_h = h3 - add_cut[:, :, None] + (drop_rise * h_has_j)[:, None, :]
         new_q = lq3 - share_j[:, None, :] + (w_i / (c_i + 1))[:, :, None]
-        x_holders = has[active[:, None, None], all_ranks[None, None, :], e_j[:, :, None]]
-        x_holders &= all_ranks[None, None, :] != q_rank[:, :, None]
-        x_holders &= all_ranks[None, None, :] != hot[:, None, None]
-        x_peak = np.max(np.where(x_holders, row_loads[:, None, :], -np.inf), axis=2) + drop_rise
+        # heaviest other holder of e_j (not q, not h), which takes on part of its load
+        x_holders = held[a_col, e_j]  # [n, J, R]
+        x_holders[r_col, np.arange(width)[None, :], q_rank] = False
+        others = row_loads + 1.0
+        others[rows, hot] = 0.0
+        x_peak = (x_holders * others[:, None, :]).max(axis=2) - 1.0 + drop_rise
         peak = np.maximum(np.maximum(new_h, new_q), x_peak[:, None, :])
         gain_rep = h3 - peak
-        d_rep = ne(e_i[:, :, None], o_j[:, None, :]).astype(np.int64) - ne(e_j, o_j)[:, None, :]
-        ok_rep = ~q_has_i & (c_j >= 2)[:, None, :] & (gain_rep > tol)
-        score_rep = np.where(ok_rep, _value(gain_rep, d_rep, price[active]), -np.inf)
+        d_rep = np.not_equal(e_i[:, :, None], o_j[:, None, :]).astype(np.int8) - fresh_j[:, None, :]
+        bar_rep = q_has_i | (c_j < 2)[:, None, :] | (gain_rep <= tol)
+        score_rep = _value(gain_rep, d_rep, price3, bar_rep)
 
         flat_swap = score_swap.reshape(n, -1)
         flat_rep = score_rep.reshape(n, -1)
         best_swap = np.argmax(flat_swap, axis=1)
         best_rep = np.argmax(flat_rep, axis=1)
-        v_swap = flat_swap[np.arange(n), best_swap]
-        v_rep = flat_rep[np.arange(n), best_rep]
+        v_swap = flat_swap[rows, best_swap]
+        v_rep = flat_rep[rows, best_rep]
         use_rep = v_rep > v_swap
         value = np.where(use_rep, v_rep, v_swap)
         moving = value > 0
         if not moving.any():
             break
         pick = np.where(use_rep, best_rep, best_swap)
-        i_pick, j_pick = np.divmod(pick, q_rank.shape[1])
-        rows = np.arange(n)
-        b_row = active
-        h_r = hot
+        i_pick, j_pick = np.divmod(pick, width)
         q_r = q_rank[rows, j_pick]
         q_s = q_slot[rows, j_pick]
         ei = e_i[rows, i_pick]
         ej = e_j[rows, j_pick]
+        si = share_i[rows, i_pick]
+        sj = share_j[rows, j_pick]
 
         sw = moving & ~use_rep
         if sw.any():
             br, hr, qr, qs, ii, a, b = (
-                b_row[sw],
-                h_r[sw],
-                q_r[sw],
-                q_s[sw],
-                i_pick[sw],
-                ei[sw],
-                ej[sw],
-            )
+                active[sw], hot[sw], q_r[sw], q_s[sw], i_pick[sw], ei[sw], ej[sw]
+            )  # fmt: skip
             phy[br, hr, ii] = b
             phy[br, qr, qs] = a
-            has[br, hr, a] = False
-            has[br, qr, b] = False
-            has[br, hr, b] = True
-            has[br, qr, a] = True
+            held[br, a, hr] = False
+            held[br, b, qr] = False
+            held[br, b, hr] = True
+            held[br, a, qr] = True
+            loads[br, hr] += sj[sw] - si[sw]
+            loads[br, qr] += si[sw] - sj[sw]
         rp = moving & use_rep
         if rp.any():
-            br, qr, qs, a, x = b_row[rp], q_r[rp], q_s[rp], ei[rp], ej[rp]
+            br, qr, qs, a, x = active[rp], q_r[rp], q_s[rp], ei[rp], ej[rp]
+            w_a, w_x = weight[br, a], weight[br, x]
+            c_a, c_x = counts[br, a], counts[br, x]
+            # holders of x (q excepted) carry more of it, holders of a less, q swaps x for a
+            x_rise = w_x / (c_x - 1) - w_x / c_x
+            a_cut = w_a / (c_a + 1) - w_a / c_a
+            loads[br] += held[br, x] * x_rise[:, None] + held[br, a] * a_cut[:, None]
+            loads[br, qr] += w_a / (c_a + 1) - w_x / c_x - x_rise
             phy[br, qr, qs] = a
-            has[br, qr, x] = False
-            has[br, qr, a] = True
+            held[br, x, qr] = False
+            held[br, a, qr] = True
             counts[br, x] -= 1
             counts[br, a] += 1
-        changed = b_row[moving]
-        loads[changed] = slot_weights(phy[changed], weight[changed], counts[changed]).sum(axis=2)
+        changed = active[moving]
         top = loads[changed].max(axis=1)
         still = mean[changed] < stop_at * top
         active = changed[still]
     return phy
 
 
-def _value(gain: FloatArray, copies: IntArray, price: FloatArray) -> FloatArray:
-    """How much a move is worth: free moves (no added copy) by their gain, ranked above
-    every paid move; paid moves by gain per copy, worth nothing below `price` per copy."""
-    per_copy = gain / np.maximum(copies, 1) - price[:, None, None]
-    free = gain + FREE_BONUS * price[:, None, None] + 1e-300
-    out: FloatArray = np.where(copies <= 0, free, np.where(per_copy > 0, per_copy, -1.0))
+def _value(gain: FloatArray, copies: IntArray, price: FloatArray, barred: BoolArray) -> FloatArray:
+    """How much a move is worth (-inf when `barred`): free moves (no added copy) by their
+    gain, ranked above every paid move; paid moves by gain per copy less `price` [n, 1, 1],
+    so a paid move is worth taking only when it is positive. `copies` is in [-2, 2]."""
+    out: FloatArray = gain * _PER_COPY.take(copies + 2)
+    out += np.where(copies > 0, -price, FREE_BONUS * price + 1e-300)
+    np.copyto(out, -np.inf, where=barred)
     return out
 
 
@@ -208,18 +222,18 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         hot = order[:, ::-1][:, :pairs]
         n = np.arange(active.size)[:, None]
         gap = loads[n, hot] - loads[n, cold]  # [A, P]
-        a = share[rows, hot]  # [A, P, S]
-        b = share[rows, cold]
-        e_h = phy[rows, hot]
+        e_h = phy[rows, hot]  # [A, P, S]
         e_c = phy[rows, cold]
-        delta = a[:, :, :, None] - b[:, :, None, :]  # load moved from hot to cold
-        after = np.abs(gap[:, :, None, None] - 2 * delta)
-        ok = (delta > 0) & (after < gap[:, :, None, None] * (1 - 1e-9))
-        ok &= ~has[r3, cold[:, :, None], e_h][:, :, :, None]
-        ok &= ~has[r3, hot[:, :, None], e_c][:, :, None, :]
-        flat = np.where(ok, after, np.inf).reshape(active.size, pairs, slots * slots)
+        # a swap of hot slot i with cold slot j moves a_i - b_j from hot to cold and leaves the
+        # pair |gap - 2 (a_i - b_j)| apart; it helps iff that is below gap. A slot is barred
+        # when the other rank of the pair already holds its expert (separable in i and j).
+        u = np.where(has[r3, cold[:, :, None], e_h], np.inf, gap[:, :, None] - 2 * share[rows, hot])
+        v = np.where(has[r3, hot[:, :, None], e_c], np.inf, 2 * share[rows, cold])
+        after = np.abs(u[:, :, :, None] + v[:, :, None, :])
+        flat = after.reshape(active.size, pairs, slots * slots)
         best = np.argmin(flat, axis=2)
-        take = np.isfinite(np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0])
+        best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
+        take = best_after < gap * (1 - 1e-9)
         moved = take.any(axis=1)
         if not moved.any():
             break

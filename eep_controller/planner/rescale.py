@@ -50,8 +50,14 @@ FALLBACK_BUDGET = 3.0
 LIGHT_RANKS = 3
 # A candidate plan balancing at least this well competes on copies alone.
 CHOOSE_ABOVE = 0.99
+# Layers still below CHOOSE_ABOVE after the search are refined to FINISH_AT with the copy
+# penalty scaled by FINISH_DISCOUNT.
+FINISH_AT = 0.991
+FINISH_DISCOUNT = 0.2
 # Refinement steps each replica-count option gets before the most promising is chosen.
 SCREEN_STEPS = 40
+# Options per layer still screened after the first half of the screening steps.
+SCREEN_KEEP = 2
 
 
 @dataclass(frozen=True, order=True)
@@ -101,17 +107,25 @@ def choose_removed_ranks(
     rank_load = slot_weights(phy, weight, current.replica_counts()).sum(axis=(0, 2))
     gone = np.zeros(current.num_ranks, dtype=bool)
     gone[list(failed)] = True
+    # per (layer, expert): how many live ranks hold it and the sum of their indices, which
+    # for a pair with one live holder is that holder
+    live = has & ~gone[None, :, None]
+    live_count = live.sum(axis=1).ravel()
+    rank_ids = np.arange(current.num_ranks)
+    index_sum = (live * rank_ids[None, :, None]).sum(axis=1).ravel()
+    by_rank = has.transpose(1, 0, 2).reshape(current.num_ranks, -1)
     chosen: list[int] = []
     for _ in range(count):
-        live = has & ~gone[None, :, None]
-        alone = live.sum(axis=1) == 1  # [L, E]: only one live holder left
-        orphans = (live & alone[:, None, :]).sum(axis=(0, 2)).astype(np.float64)
-        key = np.where(gone, np.inf, orphans)
+        alone = live_count == 1
+        orphans = np.bincount(index_sum[alone], minlength=current.num_ranks)
+        key = np.where(gone, np.inf, orphans.astype(np.float64))
         best = np.flatnonzero(key == key.min())
         tied_load = rank_load[best]
         best = best[tied_load == tied_load.min()]
         pick = int(best[-1])
         gone[pick] = True
+        live_count -= by_rank[pick]
+        index_sum -= pick * by_rank[pick]
         chosen.append(pick)
     return tuple(sorted(chosen))
 
@@ -178,43 +192,47 @@ def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: in
     slot should carry for the free slots to end at the mean rank load. An expert never gets
     more pending replicas than there are ranks with a free slot that lack it.
     """
-    has = holdings(phy, weight.shape[1])
+    batch, num_experts = weight.shape
+    has = holdings(phy, num_experts)
     free_rank = np.any(phy < 0, axis=2)  # [B, R]
     free_count = free_rank.sum(axis=1).astype(np.float64)
     room = (free_rank[:, :, None] & ~has).sum(axis=1)  # [B, E]
-    pending = counts - count_replicas(phy, weight.shape[1])
+    pending = counts - count_replicas(phy, num_experts)
     level = weight.sum(axis=1) / phy.shape[1]
     missing = total - counts.sum(axis=1)
     all_loads = slot_weights(phy, weight, counts).sum(axis=2)
+    # kept up to date as counts grow: share now, share with one more replica, which experts
+    # may still grow, and the load the pending replicas already claim
+    share = weight / counts
+    after = weight / (counts + 1)
+    growable = pending < room
+    claimed = (pending * share).sum(axis=1)
+    rows = np.arange(batch)
+    safe = np.maximum(phy, 0)
+    placed = phy >= 0
     for _ in range(int(missing.max(initial=0))):
-        rows = np.flatnonzero(missing > 0)
-        if rows.size == 0:
+        todo = np.flatnonzero(missing > 0)
+        if todo.size == 0:
             break
-        n = np.arange(rows.size)[:, None]
-        cnt = counts[rows]
-        w = weight[rows]
-        share = w / cnt
-        sub = phy[rows]
-        loads = all_loads[rows]
-        hot = np.argmax(loads, axis=1)
-        growable = pending[rows] < room[rows]
+        hot = np.argmax(all_loads, axis=1)
         # the share each remaining free slot should carry for free slots to end at the mean
-        room_left = free_count[rows] * level[rows] - (pending[rows] * share).sum(axis=1)
-        target = np.maximum(room_left, 0.0) / missing[rows]
-        after = w / (cnt + 1)
+        target = np.maximum(free_count * level - claimed, 0.0) / np.maximum(missing, 1)
         fit = np.where(growable, -np.abs(after - target[:, None]), -np.inf)
-        on_hot = sub[n[:, 0], hot]  # [n, S]
-        safe = np.maximum(on_hot, 0)
-        local_fit = np.where(on_hot >= 0, fit[n, safe], -np.inf)
-        local = safe[n[:, 0], np.argmax(local_fit, axis=1)]
-        usable = (loads[n[:, 0], hot] > level[rows]) & np.isfinite(local_fit.max(axis=1))
-        expert = np.where(usable, local, np.argmax(fit, axis=1))
+        on_hot = safe[rows, hot]  # [B, S]
+        local_fit = np.where(placed[rows, hot], np.take_along_axis(fit, on_hot, axis=1), -np.inf)
+        best_local = np.argmax(local_fit, axis=1)
+        usable = (all_loads[rows, hot] > level) & np.isfinite(local_fit[rows, best_local])
+        expert = np.where(usable, on_hot[rows, best_local], np.argmax(fit, axis=1))[todo]
         # every placed replica of the expert now carries a smaller share
-        drop = share[n[:, 0], expert] - after[n[:, 0], expert]
-        all_loads[rows] -= has[rows, :, expert] * drop[:, None]
-        counts[rows, expert] += 1
-        pending[rows, expert] += 1
-        missing[rows] -= 1
+        old, new = share[todo, expert], after[todo, expert]
+        all_loads[todo] -= has[todo, :, expert] * (old - new)[:, None]
+        claimed[todo] += (pending[todo, expert] + 1) * new - pending[todo, expert] * old
+        counts[todo, expert] += 1
+        pending[todo, expert] += 1
+        share[todo, expert] = new
+        after[todo, expert] = weight[todo, expert] / (counts[todo, expert] + 1)
+        growable[todo, expert] = pending[todo, expert] < room[todo, expert]
+        missing[todo] -= 1
 
 
 def _choose_sources(old_has: npt.NDArray[np.bool_], layer: IntArray, expert: IntArray) -> IntArray:
@@ -226,6 +244,11 @@ def _choose_sources(old_has: npt.NDArray[np.bool_], layer: IntArray, expert: Int
     sent = np.zeros(num_old)
     order = np.lexsort((np.arange(layer.size), count))
     order = order[count[order] > 0]
+    # a copy with one live holder has no choice
+    forced = order[count[order] == 1]
+    src[forced] = np.argmax(holders[forced], axis=1)
+    sent += np.bincount(src[forced], minlength=num_old)
+    order = order[count[order] > 1]
     chunk = max(1, num_old // 2)
     rank_ids = np.arange(num_old)
     for start in range(0, order.size, chunk):
@@ -260,21 +283,25 @@ def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
     surplus replica, the one carrying the largest share, until no surplus is left."""
     surplus = count_replicas(phy, weight.shape[1]) - counts
     left = np.maximum(surplus, 0).sum(axis=1)
+    share = slot_weights(phy, weight, counts)  # fixed: the counts are the target ones
+    loads = share.sum(axis=2)
+    rows = np.arange(phy.shape[0])
+    safe = np.maximum(phy, 0)
     for _ in range(int(left.max(initial=0))):
-        rows = np.flatnonzero(left > 0)
-        if rows.size == 0:
+        todo = np.flatnonzero(left > 0)
+        if todo.size == 0:
             break
-        n = np.arange(rows.size)
-        sub = phy[rows]
-        share = slot_weights(sub, weight[rows], counts[rows])
-        loads = share.sum(axis=2)
-        over = (sub >= 0) & (surplus[rows][n[:, None, None], np.maximum(sub, 0)] > 0)
+        flat_surplus = np.take_along_axis(surplus, safe.reshape(rows.size, -1), axis=1)
+        over = (phy >= 0) & (flat_surplus.reshape(phy.shape) > 0)
         rank = np.argmax(np.where(over.any(axis=2), loads, -np.inf), axis=1)
-        slot = np.argmax(np.where(over[n, rank], share[n, rank], -np.inf), axis=1)
-        expert = sub[n, rank, slot]
-        phy[rows, rank, slot] = -1
-        surplus[rows, expert] -= 1
-        left[rows] -= 1
+        slot = np.argmax(np.where(over[rows, rank], share[rows, rank], -np.inf), axis=1)
+        rank, slot = rank[todo], slot[todo]
+        expert = phy[todo, rank, slot]
+        phy[todo, rank, slot] = -1
+        loads[todo, rank] -= share[todo, rank, slot]
+        share[todo, rank, slot] = 0.0
+        surplus[todo, expert] -= 1
+        left[todo] -= 1
 
 
 def _sticky(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
@@ -296,18 +323,48 @@ def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray
     return fill_free_slots(phy, weight, counts)
 
 
-def _retarget_options(phy: IntArray, weight: FloatArray) -> IntArray:
-    """`_retargeted` plans [K, B, R, S] for K replica-count options planned for the new size:
-    the greedy and one filler split per cap of `REPLICA_CAPS` (see `filler_counts`)."""
-    batch, ranks, slots = phy.shape
+def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntArray, IntArray]:
+    """`_retargeted` plans for the replica-count options planned for the new size: the
+    greedy and one filler split per cap of `REPLICA_CAPS` (see `filler_counts`).
+
+    Returns the plans [N, R, S], the option index [N] and the row [N] of each; an option
+    whose counts equal an earlier option's for the same row (same plan) is left out."""
+    ranks, slots = phy.shape[1:]
     total = ranks * slots
     level = weight.sum(axis=1) / ranks
     options = [greedy_counts(weight, total, ranks)]
     options += [filler_counts(weight, total, ranks, cap * level) for cap in REPLICA_CAPS]
-    kinds = len(options)
-    tiled = np.tile(weight, (kinds, 1))
-    plans = _retargeted(np.tile(phy, (kinds, 1, 1)), tiled, np.concatenate(options))
-    return plans.reshape(kinds, batch, ranks, slots)
+    counts = np.stack(options)  # [K, B, E]
+    repeat = np.zeros(counts.shape[:2], dtype=bool)
+    for k in range(1, counts.shape[0]):
+        for j in range(k):
+            repeat[k] |= np.all(counts[k] == counts[j], axis=1)
+    kind, row = np.nonzero(~repeat)
+    return _retargeted(phy[row], weight[row], counts[kind, row]), kind, row
+
+
+def _scores(
+    plans: IntArray, weight: FloatArray, origin: IntArray, kind: IntArray, row: IntArray, kinds: int
+) -> tuple[FloatArray, IntArray, IntArray]:
+    """Balancedness and copies [K, B] of plans [N] for (option `kind`, layer `row`) pairs,
+    and the index of each pair's plan; an absent pair scores -inf (never chosen)."""
+    batch = weight.shape[0]
+    bal = np.full((kinds, batch), -np.inf)
+    copies = np.full((kinds, batch), np.iinfo(np.int64).max, dtype=np.int64)
+    where = np.zeros((kinds, batch), dtype=np.int64)
+    bal[kind, row] = layer_balancedness(plans, weight[row])
+    copies[kind, row] = (plans != origin[row]).sum(axis=(1, 2))
+    where[kind, row] = np.arange(row.size)
+    return bal, copies, where
+
+
+def _preference(bal: FloatArray, copies: IntArray) -> IntArray:
+    """Options [K, B] ordered per column as `_pick` prefers them (best first)."""
+    good = bal >= CHOOSE_ABOVE
+    key = np.where(good, copies.astype(np.float64), np.inf)
+    index = np.broadcast_to(np.arange(bal.shape[0])[:, None], bal.shape)
+    order: IntArray = np.lexsort((index, -bal, key), axis=0)
+    return order
 
 
 def _pick(bal: FloatArray, copies: IntArray) -> IntArray:
@@ -320,15 +377,21 @@ def _pick(bal: FloatArray, copies: IntArray) -> IntArray:
 
 
 def _polish(
-    phy: IntArray, weight: FloatArray, origin: IntArray, *, steps: int = REFINE_STEPS
+    phy: IntArray,
+    weight: FloatArray,
+    origin: IntArray,
+    *,
+    steps: int = REFINE_STEPS,
+    stop_at: float = GOOD_ENOUGH,
 ) -> IntArray:
-    """`refine` with the rescale settings: copy penalty, stop at GOOD_ENOUGH."""
+    """`refine` with the rescale settings: copy penalty, stop at GOOD_ENOUGH (screening
+    stops at CHOOSE_ABOVE, all `_pick` asks of a candidate)."""
     return refine(
         phy,
         weight,
         origin,
         penalty=COPY_PENALTY,
-        stop_at=GOOD_ENOUGH,
+        stop_at=stop_at,
         max_steps=steps,
         light_ranks=LIGHT_RANKS,
     )
@@ -336,29 +399,49 @@ def _polish(
 
 def _best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
     """The sticky plan (see `_sticky`), refined with the copy penalty. Layers it leaves below
-    CHOOSE_ABOVE (skewed ones) also get the replica-count search: `_retarget_options`,
-    screened by a short refinement, the most promising refined fully; per layer the better
-    plan by `_pick` is kept."""
+    CHOOSE_ABOVE (skewed ones) also get the replica-count search: the distinct
+    `_retarget_options`, screened by a short refinement, the most promising refined fully;
+    per layer the better plan by `_pick` is kept."""
     total = phy.shape[1] * phy.shape[2]
     best = _polish(_sticky(phy, weight, total), weight, origin)
     bal = layer_balancedness(best, weight)
     weak = np.flatnonzero(bal < CHOOSE_ABOVE)
     if weak.size == 0:
         return best
-    options = _retarget_options(phy[weak], weight[weak])
-    kinds = options.shape[0]
-    w_k = np.tile(weight[weak], (kinds, 1))
-    o_k = np.tile(origin[weak], (kinds, 1, 1))
-    screened = _polish(options.reshape(-1, *phy.shape[1:]), w_k, o_k, steps=SCREEN_STEPS)
-    screen_bal = layer_balancedness(screened, w_k).reshape(kinds, weak.size)
-    screen_copies = (screened != o_k).sum(axis=(1, 2)).reshape(kinds, weak.size)
-    choice = _pick(screen_bal, screen_copies)
-    other = screened.reshape(kinds, weak.size, *phy.shape[1:])[choice, np.arange(weak.size)]
-    other = _polish(other, weight[weak], origin[weak])
-    bal2 = np.stack([bal[weak], layer_balancedness(other, weight[weak])])
-    copies2 = np.stack([(x != origin[weak]).sum(axis=(1, 2)) for x in (best[weak], other)])
+    w_weak, o_weak = weight[weak], origin[weak]
+    plans, kind, row = _retarget_options(phy[weak], w_weak)
+    kinds = len(REPLICA_CAPS) + 1
+    # screening by successive halving: every option a few steps, the best SCREEN_KEEP of
+    # each layer as many again, then the best of those
+    first = SCREEN_STEPS // 2
+    screened = _polish(plans, w_weak[row], o_weak[row], steps=first, stop_at=CHOOSE_ABOVE)
+    bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kind, row, kinds)
+    order = _preference(bal_k, copies_k)[:SCREEN_KEEP]  # [keep, B]
+    present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
+    kept_kind, kept_row = order[present], np.nonzero(present)[1]
+    again = screened[where[kept_kind, kept_row]]
+    screened = _polish(
+        again, w_weak[kept_row], o_weak[kept_row], steps=SCREEN_STEPS - first, stop_at=CHOOSE_ABOVE
+    )
+    bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kept_kind, kept_row, kinds)
+    choice = _pick(bal_k, copies_k)
+    other = _polish(screened[where[choice, np.arange(weak.size)]], w_weak, o_weak)
+    bal2 = np.stack([bal[weak], layer_balancedness(other, w_weak)])
+    copies2 = np.stack([(x != o_weak).sum(axis=(1, 2)) for x in (best[weak], other)])
     take = _pick(bal2, copies2) == 1
     best[weak[take]] = other[take]
+    # layers the copy penalty left just short of CHOOSE_ABOVE buy the rest at a lower price
+    short = weak[np.maximum(bal2[0], bal2[1]) < CHOOSE_ABOVE]
+    if short.size:
+        best[short] = refine(
+            best[short],
+            weight[short],
+            origin[short],
+            penalty=COPY_PENALTY * FINISH_DISCOUNT,
+            stop_at=FINISH_AT,
+            max_steps=REFINE_STEPS,
+            light_ranks=LIGHT_RANKS,
+        )
     return best
 
 

@@ -1,0 +1,116 @@
+"""Planner internals the speed work rewrote: duplicate separation, refinement, rank choice."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from planner_checks import zipf_load
+
+from eep_controller.planner import balancedness, choose_removed_ranks, plan_placement
+from eep_controller.planner.packing import count_replicas, holdings, separate_duplicates
+from eep_controller.planner.placement import layer_balancedness
+from eep_controller.planner.refinement import refine
+
+
+def _distinct_per_rank(phy: np.ndarray) -> bool:
+    ordered = np.sort(phy, axis=2)
+    return not bool(np.any(ordered[:, :, 1:] == ordered[:, :, :-1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(2, 6),
+    st.integers(1, 5),
+    st.integers(0, 2**16),
+)
+def test_separate_duplicates_keeps_the_multiset_and_leaves_no_repeat(
+    layers: int, ranks: int, slots: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    experts = max(slots, ranks * slots // 2)
+    # counts <= ranks, so a separation exists; dealt in order, then shuffled into repeats
+    counts = np.ones((layers, experts), dtype=np.int64)
+    for row in counts:
+        extra = ranks * slots - experts
+        while extra:
+            e = int(rng.integers(experts))
+            if row[e] < ranks:
+                row[e] += 1
+                extra -= 1
+    phy = np.stack([rng.permutation(np.repeat(np.arange(experts), c)) for c in counts]).reshape(
+        layers, ranks, slots
+    )
+    weight = rng.random((layers, experts))
+    before = count_replicas(phy, experts)
+    separate_duplicates(phy, weight, counts)
+    assert np.array_equal(count_replicas(phy, experts), before)
+    assert _distinct_per_rank(phy)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 8), st.integers(1, 6), st.integers(0, 2**16))
+def test_refine_keeps_the_invariants_and_never_lowers_balance(
+    layers: int, ranks: int, slots: int, seed: int
+) -> None:
+    experts = max(1, ranks * slots - int(np.random.default_rng(seed).integers(0, ranks + 1)))
+    experts = min(experts, ranks * slots)
+    load = zipf_load(layers, experts, 1.2, seed)
+    start = plan_placement(load, ranks, slots).by_rank()
+    origin = start.copy()
+    for penalty in (0.0, 0.005):
+        out = refine(start, load, origin, penalty=penalty, stop_at=1.0, max_steps=50)
+        assert _distinct_per_rank(out)
+        counts = count_replicas(out, experts)
+        assert counts.min() >= 1 and counts.max() <= ranks
+        assert np.all(layer_balancedness(out, load) >= layer_balancedness(start, load) - 1e-12)
+
+
+def test_refine_with_a_prohibitive_price_makes_only_free_moves() -> None:
+    load = zipf_load(4, 64, 1.0, seed=3)
+    start = plan_placement(load, 8, 9).by_rank()
+    origin = start.copy()
+    out = refine(start, load, origin, penalty=1e9, stop_at=1.0, max_steps=100)
+    assert np.array_equal(out, start)  # every move from a settled plan adds copies
+
+
+def test_choose_removed_ranks_matches_a_plain_greedy_on_orphans() -> None:
+    load = zipf_load(3, 40, 1.0, seed=5)
+    current = plan_placement(load, 10, 6)
+    has = holdings(current.by_rank(), current.num_experts)
+    gone: list[int] = [2]
+    for _ in range(3):
+        keys = []
+        for r in range(10):
+            if r in gone:
+                continue
+            live = has.copy()
+            live[:, gone] = False
+            alone = live.sum(axis=1) == 1
+            # fewest orphans; without load every rank ties on load, so the highest index
+            keys.append((int((live[:, r] & alone).sum()), -r))
+        gone.append(-min(keys)[1])
+    assert choose_removed_ranks(current, None, 3, failed_ranks=(2,)) == tuple(sorted(gone[1:]))
+
+
+def test_skewed_placement_search_reaches_high_balance() -> None:
+    load = zipf_load(6, 256, 1.5, seed=0)
+    assert balancedness(plan_placement(load, 32, 9), load) >= 0.99
+
+
+def test_cannot_reach_flags_only_provably_unpackable_counts() -> None:
+    from eep_controller.planner.placement import _cannot_reach
+
+    ranks = 4
+    # mean rank load 1.5: five replicas of 0.8 (> half the 0.99 peak) on 4 ranks must pair up
+    weight = np.array([[4.0, 0.5, 0.5, 0.5, 0.5]])
+    counts = np.array([[5, 1, 1, 1, 1]])
+    assert _cannot_reach(weight, counts, ranks, 0.99).tolist() == [True]
+    # four of them fit one per rank, each with one 0.7 expert: every rank at the mean
+    weight4 = np.array([[3.2, 0.7, 0.7, 0.7, 0.7]])
+    counts4 = np.array([[4, 1, 1, 1, 1]])
+    assert _cannot_reach(weight4, counts4, ranks, 0.99).tolist() == [False]
+    ones = np.ones((1, 8), dtype=np.int64)
+    assert _cannot_reach(np.ones((1, 8)), ones, ranks, 0.99).tolist() == [False]
+    assert _cannot_reach(np.zeros((1, 8)), ones, ranks, 0.99).tolist() == [False]
