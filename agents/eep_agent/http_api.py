@@ -69,6 +69,7 @@ def build_app(daemon: AgentDaemon) -> FastAPI:
                     "op_id": record.op_id,
                     "served_requests": record.served,
                     "aborted_requests": record.aborted,
+                    "inflight_requests": record.inflight,
                 }
             )
         return {"node_id": daemon.settings.node_id, "workers": out}

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,7 +319,7 @@ class OpDriver:
         record = handle.record
         baseline = self.served_at_start.pop((op.id, p.device_index), record.served)
         if p.leaving:
-            aborted = await self._drain(handle, op.request.drain_timeout_s)
+            aborted = await record.drain(op.request.drain_timeout_s)
             return AckFields(aborted_requests=aborted, served_requests=record.served - baseline)
         assert p.new_rank is not None
         await handle.call(Switch(op.id, op.to_generation, p.new_rank), QUICK_COMMAND_S)
@@ -331,23 +330,6 @@ class OpDriver:
             "serving",
         )
         return AckFields(served_requests=record.served - baseline)
-
-    async def _drain(self, handle: WorkerHandle, timeout_s: float) -> int:
-        """Stop taking forward requests; wait for in-flight ones; abort (and count) the rest."""
-        record = handle.record
-        record.draining, record.state = True, "draining"
-        deadline = time.monotonic() + timeout_s
-        while record.inflight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        aborted = 0
-        for future in list(record.pending_forwards):
-            with contextlib.suppress(InvalidStateError):
-                future.set_exception(
-                    WorkerError("request aborted: the worker left the deployment", stale=True)
-                )
-                aborted += 1
-        record.aborted += aborted
-        return aborted
 
     async def _cleanup(self, op: Operation, p: Participant, remaining: float) -> None:
         if p.leaving:

@@ -50,6 +50,23 @@ class WorkerRecord:
     op_id: str | None = None
     pending_forwards: set[concurrent.futures.Future[Any]] = field(default_factory=set)
 
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking forward requests; wait for in-flight ones up to ``timeout_s``; abort the
+        rest (their callers get a stale-layout error and retry elsewhere). Returns how many."""
+        self.draining, self.state = True, "draining"
+        deadline = time.monotonic() + timeout_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        aborted = 0
+        for future in list(self.pending_forwards):
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(
+                    WorkerError("request aborted: the worker left the deployment", stale=True)
+                )
+                aborted += 1
+        self.aborted += aborted
+        return aborted
+
 
 class WorkerHandle:
     """One worker process and its control channel."""

@@ -63,6 +63,8 @@ from eep_agent.runtime.transfer import CorruptionSpec, execute_moves
 log = logging.getLogger("eep_agent.worker")
 
 LONG_COMMANDS = (Load, BuildStandby, Transfer, RawExchange, Cleanup, Abort)
+FORWARD_DELAY_ENV = "EEP_TEST_FORWARD_DELAY_S"
+"""Test hook: seconds every forward request takes, so a test can catch requests in flight."""
 
 
 class CommandFailed(RuntimeError):
@@ -89,6 +91,7 @@ class Worker:
         self.servers: dict[str, RendezvousServer] = {}
         self.aborted: set[str] = set()
         self.served = 0
+        self.forward_delay_s = float(os.environ.get(FORWARD_DELAY_ENV, "0") or 0)
         self._ops: queue.Queue[Request | None] = queue.Queue()
         self._op_thread = threading.Thread(target=self._op_loop, name="eep-worker-ops", daemon=True)
 
@@ -381,6 +384,8 @@ class Worker:
         return standby is not None
 
     def forward(self, command: Forward) -> ForwardResult:
+        if self.forward_delay_s:
+            time.sleep(self.forward_delay_s)  # test hook: a slow request to drain
         store = self._expert_store()
         tokens = torch.from_numpy(np.ascontiguousarray(command.tokens, dtype=np.float32)).to(
             self.device
