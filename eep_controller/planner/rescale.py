@@ -39,7 +39,7 @@ from eep_controller.planner.validation import (
 # Gain (in mean rank loads) a swap must bring for each weight copy it adds.
 COPY_PENALTY = 0.005
 # A layer stops buying balance with copies once it balances this well.
-GOOD_ENOUGH = 0.993
+GOOD_ENOUGH = 0.991
 REFINE_STEPS = 150
 # Layers still below this after the sticky plan are re-planned from scratch and relabelled,
 # and the fresh plan is kept when it balances better by more than FALLBACK_GAIN, within a
@@ -54,6 +54,9 @@ CHOOSE_ABOVE = 0.99
 # penalty scaled by FINISH_DISCOUNT.
 FINISH_AT = 0.991
 FINISH_DISCOUNT = 0.2
+# Layers the sticky plan balances at least this well skip the replica-count search when the
+# finishing refinement lifts them to CHOOSE_ABOVE.
+NEAR_ENOUGH = 0.98
 # Refinement steps each replica-count option gets before the most promising is chosen.
 SCREEN_STEPS = 40
 # Options per layer still screened after the first half of the screening steps.
@@ -281,27 +284,33 @@ def _target_counts(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
 def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
     """Free, in place, the slots of replicas beyond `counts`: on the hottest rank holding a
     surplus replica, the one carrying the largest share, until no surplus is left."""
+    batch = phy.shape[0]
     surplus = count_replicas(phy, weight.shape[1]) - counts
     left = np.maximum(surplus, 0).sum(axis=1)
     share = slot_weights(phy, weight, counts)  # fixed: the counts are the target ones
     loads = share.sum(axis=2)
-    rows = np.arange(phy.shape[0])
-    safe = np.maximum(phy, 0)
-    for _ in range(int(left.max(initial=0))):
-        todo = np.flatnonzero(left > 0)
-        if todo.size == 0:
-            break
-        flat_surplus = np.take_along_axis(surplus, safe.reshape(rows.size, -1), axis=1)
-        over = (phy >= 0) & (flat_surplus.reshape(phy.shape) > 0)
-        rank = np.argmax(np.where(over.any(axis=2), loads, -np.inf), axis=1)
-        slot = np.argmax(np.where(over[rows, rank], share[rows, rank], -np.inf), axis=1)
-        rank, slot = rank[todo], slot[todo]
+    safe = np.maximum(phy, 0).reshape(batch, -1)
+    # over[b, r, s]: the slot holds a replica its expert has too many of
+    over = (phy >= 0) & (np.take_along_axis(surplus, safe, axis=1).reshape(phy.shape) > 0)
+    todo = np.flatnonzero(left > 0)
+    while todo.size:
+        n = np.arange(todo.size)
+        sub = over[todo]
+        rank = np.argmax(np.where(sub.any(axis=2), loads[todo], -np.inf), axis=1)
+        slot = np.argmax(np.where(sub[n, rank], share[todo, rank], -np.inf), axis=1)
         expert = phy[todo, rank, slot]
         phy[todo, rank, slot] = -1
+        over[todo, rank, slot] = False
         loads[todo, rank] -= share[todo, rank, slot]
         share[todo, rank, slot] = 0.0
         surplus[todo, expert] -= 1
         left[todo] -= 1
+        # an expert back at its count: its other replicas are no longer surplus
+        settled = surplus[todo, expert] == 0
+        if settled.any():
+            rows = todo[settled]
+            over[rows] &= phy[rows] != expert[settled][:, None, None]
+        todo = todo[left[todo] > 0]
 
 
 def _sticky(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
@@ -408,6 +417,16 @@ def _best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntA
     weak = np.flatnonzero(bal < CHOOSE_ABOVE)
     if weak.size == 0:
         return best
+    # layers the sticky plan left close to CHOOSE_ABOVE buy the rest at a lower price
+    near = weak[bal[weak] >= NEAR_ENOUGH]
+    if near.size:
+        done = _finish(best[near], weight[near], origin[near])
+        reached = layer_balancedness(done, weight[near]) >= CHOOSE_ABOVE
+        best[near[reached]] = done[reached]
+        bal[near[reached]] = CHOOSE_ABOVE
+        weak = np.flatnonzero(bal < CHOOSE_ABOVE)
+        if weak.size == 0:
+            return best
     w_weak, o_weak = weight[weak], origin[weak]
     plans, kind, row = _retarget_options(phy[weak], w_weak)
     kinds = len(REPLICA_CAPS) + 1
@@ -433,16 +452,21 @@ def _best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntA
     # layers the copy penalty left just short of CHOOSE_ABOVE buy the rest at a lower price
     short = weak[np.maximum(bal2[0], bal2[1]) < CHOOSE_ABOVE]
     if short.size:
-        best[short] = refine(
-            best[short],
-            weight[short],
-            origin[short],
-            penalty=COPY_PENALTY * FINISH_DISCOUNT,
-            stop_at=FINISH_AT,
-            max_steps=REFINE_STEPS,
-            light_ranks=LIGHT_RANKS,
-        )
+        best[short] = _finish(best[short], weight[short], origin[short])
     return best
+
+
+def _finish(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
+    """`refine` to FINISH_AT with the copy penalty scaled by FINISH_DISCOUNT."""
+    return refine(
+        phy,
+        weight,
+        origin,
+        penalty=COPY_PENALTY * FINISH_DISCOUNT,
+        stop_at=FINISH_AT,
+        max_steps=REFINE_STEPS,
+        light_ranks=LIGHT_RANKS,
+    )
 
 
 def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:

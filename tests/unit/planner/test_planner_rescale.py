@@ -192,3 +192,26 @@ def test_retargeted_keeps_wanted_survivors_and_places_only_the_deltas() -> None:
     out = _retargeted(phy, weight, counts)
     assert count_replicas(out, 4).tolist() == counts.tolist()
     assert int((out != phy).sum()) == 2  # only the two surplus copies of expert 0 change
+
+
+def test_drop_surplus_frees_exactly_the_surplus_on_the_hottest_ranks() -> None:
+    from eep_controller.planner.packing import count_replicas
+    from eep_controller.planner.rescale import _drop_surplus
+
+    # expert 0 held 3 times, wanted once: the two hottest holders (ranks 1 and 2) free it
+    phy = np.array([[[0, 1], [0, 2], [0, 3]], [[0, 1], [0, 2], [0, 3]]])
+    weight = np.array([[3.0, 1.0, 2.0, 3.0], [3.0, 1.0, 2.0, 3.0]])
+    counts = np.array([[1, 1, 1, 1], [2, 1, 1, 1]])
+    _drop_surplus(phy, weight, counts)
+    assert phy[0].tolist() == [[0, 1], [-1, 2], [-1, 3]]
+    assert phy[1].tolist() == [[0, 1], [0, 2], [-1, 3]]
+    assert np.all(count_replicas(phy, 4) == counts)
+
+
+def test_mildly_skewed_scale_up_finishes_the_sticky_plan_near_the_bound() -> None:
+    load = zipf_load(6, 64, 1.2, seed=3)
+    current = plan_placement(load, 8, 9)
+    plan = plan_rescale(current, load, 12)
+    assert_valid_plan(current, plan, ())
+    assert plan.stats["balancedness_after"] >= 0.99
+    assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
