@@ -359,7 +359,7 @@ class Demo:
 
     def _print_summary(self, ok: bool) -> None:
         table = Table(
-            "OP", "KIND", "DP", "STATE", "PHASES (s)", "COPIES / LB", "BYTES", "BALANCE", "SERVED", "FAILED",
+            "OP", "KIND", "DP", "STATE", "PHASES (s)", "COPIES / LB", "NET BYTES", "BALANCE", "SERVED", "FAILED",
             title="eep demo summary",
         )  # fmt: skip
         for s in self.summary:
