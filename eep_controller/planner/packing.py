@@ -48,7 +48,7 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     number of free slots of each row must equal its number of pending replicas.
     """
     phy = phy.copy()
-    batch, ranks, _ = phy.shape
+    batch = phy.shape[0]
     num_experts = weight.shape[1]
     pending = counts - count_replicas(phy, num_experts)
     if np.any(pending < 0):
@@ -69,30 +69,42 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     items[row_of, pos] = expert_of
     items_w[row_of, pos] = item_w
 
-    has = holdings(phy, num_experts)
-    loads = slot_weights(phy, weight, counts).sum(axis=2)
-    free = (phy < 0).sum(axis=2)
-    rank_idx = np.arange(ranks)[None, :]
+    # rows by pending replicas, most first, so the rows still filling are always a prefix
+    by_need = np.argsort(-per_row, kind="stable")
+    need = per_row[by_need]
+    items, items_w = items[by_need], items_w[by_need]
+    work = phy[by_need]
+    # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
+    held = np.ascontiguousarray(holdings(work, num_experts).transpose(0, 2, 1))
+    loads = slot_weights(work, weight[by_need], counts[by_need]).sum(axis=2)
+    free = (work < 0).sum(axis=2)
+    # each rank fills its free slots in slot order: the n-th replica it takes goes to the
+    # n-th free slot (a stable sort puts the free slots first, in order)
+    free_slots = np.argsort(work >= 0, axis=2, kind="stable")
+    taken = np.zeros_like(free)
     stuck_any = False
     for k in range(width):
-        rows = np.flatnonzero(items[:, k] >= 0)
-        if rows.size == 0:
+        m = int(np.count_nonzero(need > k))
+        if m == 0:
             break
-        expert = items[rows, k]
-        open_rank = free[rows] > 0
-        holds = has[rows[:, None], rank_idx, expert[:, None]]
-        cost = np.where(open_rank & ~holds, loads[rows], np.inf)
+        n = np.arange(m)
+        expert = items[:m, k]
+        open_rank = free[:m] > 0
+        holds = held[n, expert]
+        cost = np.where(open_rank & ~holds, loads[:m], np.inf)
         rank = np.argmin(cost, axis=1)
-        stuck = np.isinf(cost[np.arange(rows.size), rank])
+        stuck = np.isinf(cost[n, rank])
         if stuck.any():
             stuck_any = True
-            fallback = np.argmin(np.where(open_rank, loads[rows], np.inf), axis=1)
+            fallback = np.argmin(np.where(open_rank, loads[:m], np.inf), axis=1)
             rank = np.where(stuck, fallback, rank)
-        slot = np.argmax(phy[rows, rank, :] < 0, axis=1)
-        phy[rows, rank, slot] = expert
-        loads[rows, rank] += items_w[rows, k]
-        free[rows, rank] -= 1
-        has[rows, rank, expert] = True
+        slot = free_slots[n, rank, taken[n, rank]]
+        work[n, rank, slot] = expert
+        loads[n, rank] += items_w[:m, k]
+        free[n, rank] -= 1
+        taken[n, rank] += 1
+        held[n, expert, rank] = True
+    phy[by_need] = work
     if stuck_any:
         separate_duplicates(phy, weight, counts)
     return phy

@@ -22,8 +22,6 @@ from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 LIGHT_RANKS = 2
 FREE_BONUS = 1e6
 CANDIDATE_SLOTS = 64
-# 1 / copies a move adds, indexed by copies + 2 (a move adds -2 to 2 copies; free: 1).
-_PER_COPY = np.array([1.0, 1.0, 1.0, 1.0, 0.5])
 
 
 def refine(
@@ -49,6 +47,7 @@ def refine(
     counts = count_replicas(phy, num_experts)
     # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
     held = np.ascontiguousarray(holdings(phy, num_experts).transpose(0, 2, 1))
+    held_flat = held.reshape(batch * num_experts, ranks)  # a view: updates to held show
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     mean = loads.mean(axis=1)
     price = penalty * mean
@@ -93,7 +92,7 @@ def refine(
         lq3 = l_q[:, None, :]
         # q_has_i[n, i, j]: the rank of candidate slot j holds expert e_i; computed per light
         # rank and broadcast over its slots (candidate j = light rank j // S, slot j % S)
-        q_has = np.take_along_axis(held[a_col, e_i], lightest[:, None, :], axis=2)
+        q_has = held[a_col[:, :, None], e_i[:, :, None], lightest[:, None, :]]  # [n, S, light]
         q_has_i = np.broadcast_to(q_has[..., None], (n, slots, light, slots)).reshape(n, slots, -1)
         h_has_j = held[a_col, e_j, hot[:, None]]  # [n, J]
         fresh_i = e_i != o_i
@@ -117,13 +116,22 @@ def refine(
         add_cut = share_i - w_i / (c_i + 1)
         new_h = h3 - add_cut[:, :, None] + (drop_rise * h_has_j)[:, None, :]
         new_q = lq3 - share_j[:, None, :] + (w_i / (c_i + 1))[:, :, None]
-        # heaviest other holder of e_j (not q, not h), which takes on part of its load
-        x_holders = held[a_col, e_j]  # [n, J, R]
-        x_holders[r_col, np.arange(width)[None, :], q_rank] = False
+        # heaviest other holder of e_j (not q, not h), which takes on part of its load. Only
+        # needed where e_j has >= 2 replicas (the move is barred elsewhere) and where even
+        # the heaviest rank but h could raise the peak of some move of slot j: elsewhere it
+        # is below max(new_h, new_q) for every i and leaves the peak as it is
+        peak = np.maximum(new_h, new_q)
         others = row_loads + 1.0
         others[rows, hot] = 0.0
-        x_peak = (x_holders * others[:, None, :]).max(axis=2) - 1.0 + drop_rise
-        peak = np.maximum(np.maximum(new_h, new_q), x_peak[:, None, :])
+        bound = others.max(axis=1)[:, None] - 1.0 + drop_rise  # >= x_peak (same rounding)
+        xr, xj = np.nonzero((c_j >= 2) & (bound > peak.min(axis=1)))
+        if xr.size:
+            x_holders = held_flat.take(active[xr] * num_experts + e_j[xr, xj], axis=0)  # [m, R]
+            x_holders[np.arange(xr.size), q_rank[xr, xj]] = False
+            x_load = np.where(x_holders, others.take(xr, axis=0), 0.0)
+            x_peak = np.full((n, width), -np.inf)
+            x_peak[xr, xj] = x_load.max(axis=1) - 1.0 + drop_rise[xr, xj]
+            np.maximum(peak, x_peak[:, None, :], out=peak)
         gain_rep = h3 - peak
         d_rep = np.not_equal(e_i[:, :, None], o_j[:, None, :]).astype(np.int8) - fresh_j[:, None, :]
         bar_rep = q_has_i | (c_j < 2)[:, None, :] | (gain_rep <= tol)
@@ -187,10 +195,14 @@ def refine(
 def _value(gain: FloatArray, copies: IntArray, price: FloatArray, barred: BoolArray) -> FloatArray:
     """How much a move is worth (-inf when `barred`): free moves (no added copy) by their
     gain, ranked above every paid move; paid moves by gain per copy less `price` [n, 1, 1],
-    so a paid move is worth taking only when it is positive. `copies` is in [-2, 2]."""
-    out: FloatArray = gain * _PER_COPY.take(copies + 2)
-    out += np.where(copies > 0, -price, FREE_BONUS * price + 1e-300)
-    np.copyto(out, -np.inf, where=barred)
+    so a paid move is worth taking only when it is positive. `copies` is in [-2, 2].
+    Overwrites `gain` (returned as the value)."""
+    # gain x 1 or x 0.5 is exact, so halving in place equals the per-copy product; adding
+    # -inf where barred equals overwriting (gains are finite)
+    add = np.where(copies > 0, -price, FREE_BONUS * price + 1e-300)
+    np.copyto(add, -np.inf, where=barred)
+    out: FloatArray = np.multiply(gain, 0.5, out=gain, where=copies == 2)
+    out += add
     return out
 
 
