@@ -183,7 +183,7 @@ def test_skewed_rescale_is_deterministic() -> None:
 
 def test_retargeted_keeps_wanted_survivors_and_places_only_the_deltas() -> None:
     from eep_controller.planner.packing import count_replicas
-    from eep_controller.planner.rescale import _retargeted
+    from eep_controller.planner.search import _retargeted
 
     # one layer, 3 ranks x 2 slots; expert 0 held 3 times, target wants it once
     phy = np.array([[[0, 1], [0, 2], [0, 3]]])
@@ -196,7 +196,7 @@ def test_retargeted_keeps_wanted_survivors_and_places_only_the_deltas() -> None:
 
 def test_drop_surplus_frees_exactly_the_surplus_on_the_hottest_ranks() -> None:
     from eep_controller.planner.packing import count_replicas
-    from eep_controller.planner.rescale import _drop_surplus
+    from eep_controller.planner.search import _drop_surplus
 
     # expert 0 held 3 times, wanted once: the two hottest holders (ranks 1 and 2) free it
     phy = np.array([[[0, 1], [0, 2], [0, 3]], [[0, 1], [0, 2], [0, 3]]])

@@ -1,0 +1,352 @@
+"""Searching for the new placement of a rescale: sticky plan, replica-count options, repair.
+
+Pure numpy. :func:`eep_controller.planner.rescale.plan_rescale` calls :func:`best_candidate` and
+:func:`fallback`; everything here works on placements shaped
+``[layers, ranks, slots]`` and never changes how many slots a rank has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eep_controller.planner.packing import (
+    count_replicas,
+    fill_free_slots,
+    holdings,
+    slot_weights,
+)
+from eep_controller.planner.placement import (
+    REPLICA_CAPS,
+    layer_balancedness,
+    plan_batch,
+)
+from eep_controller.planner.refinement import refine
+from eep_controller.planner.replication import filler_counts, greedy_counts
+from eep_controller.planner.validation import FloatArray, IntArray
+
+# Gain (in mean rank loads) a swap must bring for each weight copy it adds.
+COPY_PENALTY = 0.005
+# A layer stops buying balance with copies once it balances this well.
+GOOD_ENOUGH = 0.991
+REFINE_STEPS = 150
+# Layers still below this after the sticky plan are re-planned from scratch and relabelled,
+# and the fresh plan is kept when it balances better by more than FALLBACK_GAIN, within a
+# total of FALLBACK_BUDGET x the copy lower bound.
+FALLBACK_BELOW = 0.97
+FALLBACK_GAIN = 0.01
+FALLBACK_BUDGET = 3.0
+LIGHT_RANKS = 3
+# A candidate plan balancing at least this well competes on copies alone.
+CHOOSE_ABOVE = 0.99
+# Layers still below CHOOSE_ABOVE after the search are refined to FINISH_AT with the copy
+# penalty scaled by FINISH_DISCOUNT.
+FINISH_AT = 0.991
+FINISH_DISCOUNT = 0.2
+# Layers the sticky plan balances at least this well skip the replica-count search when the
+# finishing refinement lifts them to CHOOSE_ABOVE.
+NEAR_ENOUGH = 0.98
+# Refinement steps each replica-count option gets before the most promising is chosen.
+SCREEN_STEPS = 40
+# Options per layer still screened after the first half of the screening steps.
+SCREEN_KEEP = 2
+
+
+def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: int) -> None:
+    """Raise counts, in place, until each row wants `total` replicas (slots stay free).
+
+    While the hottest placed rank is above the mean rank load, the next replica goes to one
+    of its experts, which unloads it without moving anything; otherwise to any expert. Among
+    those, the pick is the expert whose new share is closest to what each remaining free
+    slot should carry for the free slots to end at the mean rank load. An expert never gets
+    more pending replicas than there are ranks with a free slot that lack it.
+    """
+    batch, num_experts = weight.shape
+    has = holdings(phy, num_experts)
+    free_rank = np.any(phy < 0, axis=2)  # [B, R]
+    free_count = free_rank.sum(axis=1).astype(np.float64)
+    room = (free_rank[:, :, None] & ~has).sum(axis=1)  # [B, E]
+    pending = counts - count_replicas(phy, num_experts)
+    level = weight.sum(axis=1) / phy.shape[1]
+    missing = total - counts.sum(axis=1)
+    all_loads = slot_weights(phy, weight, counts).sum(axis=2)
+    # kept up to date as counts grow: share now, share with one more replica, which experts
+    # may still grow, and the load the pending replicas already claim
+    share = weight / counts
+    after = weight / (counts + 1)
+    growable = pending < room
+    claimed = (pending * share).sum(axis=1)
+    rows = np.arange(batch)
+    safe = np.maximum(phy, 0)
+    placed = phy >= 0
+    for _ in range(int(missing.max(initial=0))):
+        todo = np.flatnonzero(missing > 0)
+        if todo.size == 0:
+            break
+        hot = np.argmax(all_loads, axis=1)
+        # the share each remaining free slot should carry for free slots to end at the mean
+        target = np.maximum(free_count * level - claimed, 0.0) / np.maximum(missing, 1)
+        fit = np.where(growable, -np.abs(after - target[:, None]), -np.inf)
+        on_hot = safe[rows, hot]  # [B, S]
+        local_fit = np.where(placed[rows, hot], np.take_along_axis(fit, on_hot, axis=1), -np.inf)
+        best_local = np.argmax(local_fit, axis=1)
+        usable = (all_loads[rows, hot] > level) & np.isfinite(local_fit[rows, best_local])
+        expert = np.where(usable, on_hot[rows, best_local], np.argmax(fit, axis=1))[todo]
+        # every placed replica of the expert now carries a smaller share
+        old, new = share[todo, expert], after[todo, expert]
+        all_loads[todo] -= has[todo, :, expert] * (old - new)[:, None]
+        claimed[todo] += (pending[todo, expert] + 1) * new - pending[todo, expert] * old
+        counts[todo, expert] += 1
+        pending[todo, expert] += 1
+        share[todo, expert] = new
+        after[todo, expert] = weight[todo, expert] / (counts[todo, expert] + 1)
+        growable[todo, expert] = pending[todo, expert] < room[todo, expert]
+        missing[todo] -= 1
+
+
+def _target_counts(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
+    """Replica counts to aim for: every surviving replica (orphans get one), trimmed to
+    `total` by the greedy in reverse (drop where the remaining share stays smallest)."""
+    counts = np.maximum(count_replicas(phy, weight.shape[1]), 1)
+    excess = counts.sum(axis=1) - total
+    for _ in range(int(excess.max(initial=0))):
+        rows = np.flatnonzero(excess > 0)
+        if rows.size == 0:
+            break
+        cnt = counts[rows]
+        loss = np.where(cnt >= 2, weight[rows] / np.maximum(cnt - 1, 1), np.inf)
+        counts[rows, np.argmin(loss, axis=1)] -= 1
+        excess[rows] -= 1
+    return counts
+
+
+def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
+    """Free, in place, the slots of replicas beyond `counts`: on the hottest rank holding a
+    surplus replica, the one carrying the largest share, until no surplus is left."""
+    batch = phy.shape[0]
+    surplus = count_replicas(phy, weight.shape[1]) - counts
+    left = np.maximum(surplus, 0).sum(axis=1)
+    share = slot_weights(phy, weight, counts)  # fixed: the counts are the target ones
+    loads = share.sum(axis=2)
+    safe = np.maximum(phy, 0).reshape(batch, -1)
+    # over[b, r, s]: the slot holds a replica its expert has too many of
+    over = (phy >= 0) & (np.take_along_axis(surplus, safe, axis=1).reshape(phy.shape) > 0)
+    todo = np.flatnonzero(left > 0)
+    while todo.size:
+        n = np.arange(todo.size)
+        sub = over[todo]
+        rank = np.argmax(np.where(sub.any(axis=2), loads[todo], -np.inf), axis=1)
+        slot = np.argmax(np.where(sub[n, rank], share[todo, rank], -np.inf), axis=1)
+        expert = phy[todo, rank, slot]
+        phy[todo, rank, slot] = -1
+        over[todo, rank, slot] = False
+        loads[todo, rank] -= share[todo, rank, slot]
+        share[todo, rank, slot] = 0.0
+        surplus[todo, expert] -= 1
+        left[todo] -= 1
+        # an expert back at its count: its other replicas are no longer surplus
+        settled = surplus[todo, expert] == 0
+        if settled.any():
+            rows = todo[settled]
+            over[rows] &= phy[rows] != expert[settled][:, None, None]
+        todo = todo[left[todo] > 0]
+
+
+def _sticky(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
+    """Keep every surviving replica the trimmed counts still want, add replicas (see
+    `_add_replicas`) until the counts fill `total` slots, and pack them into the free slots."""
+    phy = phy.copy()
+    counts = _target_counts(phy, weight, total)
+    _drop_surplus(phy, weight, counts)
+    _add_replicas(phy, weight, counts, total)
+    return fill_free_slots(phy, weight, counts)
+
+
+def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:
+    """Reach the replica `counts` planned for the new size with the fewest slot changes:
+    keep the surviving replicas still wanted, free the surplus (hottest ranks first), and
+    pack only the missing replicas into the free slots."""
+    phy = phy.copy()
+    _drop_surplus(phy, weight, counts)
+    return fill_free_slots(phy, weight, counts)
+
+
+def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntArray, IntArray]:
+    """`_retargeted` plans for the replica-count options planned for the new size: the
+    greedy and one filler split per cap of `REPLICA_CAPS` (see `filler_counts`).
+
+    Returns the plans [N, R, S], the option index [N] and the row [N] of each; an option
+    whose counts equal an earlier option's for the same row (same plan) is left out."""
+    ranks, slots = phy.shape[1:]
+    total = ranks * slots
+    level = weight.sum(axis=1) / ranks
+    options = [greedy_counts(weight, total, ranks)]
+    options += [filler_counts(weight, total, ranks, cap * level) for cap in REPLICA_CAPS]
+    counts = np.stack(options)  # [K, B, E]
+    repeat = np.zeros(counts.shape[:2], dtype=bool)
+    for k in range(1, counts.shape[0]):
+        for j in range(k):
+            repeat[k] |= np.all(counts[k] == counts[j], axis=1)
+    kind, row = np.nonzero(~repeat)
+    return _retargeted(phy[row], weight[row], counts[kind, row]), kind, row
+
+
+def _scores(
+    plans: IntArray, weight: FloatArray, origin: IntArray, kind: IntArray, row: IntArray, kinds: int
+) -> tuple[FloatArray, IntArray, IntArray]:
+    """Balancedness and copies [K, B] of plans [N] for (option `kind`, layer `row`) pairs,
+    and the index of each pair's plan; an absent pair scores -inf (never chosen)."""
+    batch = weight.shape[0]
+    bal = np.full((kinds, batch), -np.inf)
+    copies = np.full((kinds, batch), np.iinfo(np.int64).max, dtype=np.int64)
+    where = np.zeros((kinds, batch), dtype=np.int64)
+    bal[kind, row] = layer_balancedness(plans, weight[row])
+    copies[kind, row] = (plans != origin[row]).sum(axis=(1, 2))
+    where[kind, row] = np.arange(row.size)
+    return bal, copies, where
+
+
+def _preference(bal: FloatArray, copies: IntArray) -> IntArray:
+    """Options [K, B] ordered per column as `_pick` prefers them (best first)."""
+    good = bal >= CHOOSE_ABOVE
+    key = np.where(good, copies.astype(np.float64), np.inf)
+    index = np.broadcast_to(np.arange(bal.shape[0])[:, None], bal.shape)
+    order: IntArray = np.lexsort((index, -bal, key), axis=0)
+    return order
+
+
+def _pick(bal: FloatArray, copies: IntArray) -> IntArray:
+    """Per column of [K, B] scores: fewest copies among options balancing at least
+    CHOOSE_ABOVE (lowest index on ties), else the best balanced."""
+    good = bal >= CHOOSE_ABOVE
+    key = np.where(good, copies.astype(np.float64), np.inf)
+    pick: IntArray = np.where(good.any(axis=0), np.argmin(key, axis=0), np.argmax(bal, axis=0))
+    return pick
+
+
+def _polish(
+    phy: IntArray,
+    weight: FloatArray,
+    origin: IntArray,
+    *,
+    steps: int = REFINE_STEPS,
+    stop_at: float = GOOD_ENOUGH,
+) -> IntArray:
+    """`refine` with the rescale settings: copy penalty, stop at GOOD_ENOUGH (screening
+    stops at CHOOSE_ABOVE, all `_pick` asks of a candidate)."""
+    return refine(
+        phy,
+        weight,
+        origin,
+        penalty=COPY_PENALTY,
+        stop_at=stop_at,
+        max_steps=steps,
+        light_ranks=LIGHT_RANKS,
+    )
+
+
+def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
+    """The sticky plan (see `_sticky`), refined with the copy penalty. Layers it leaves below
+    CHOOSE_ABOVE (skewed ones) also get the replica-count search: the distinct
+    `_retarget_options`, screened by a short refinement, the most promising refined fully;
+    per layer the better plan by `_pick` is kept."""
+    total = phy.shape[1] * phy.shape[2]
+    best = _polish(_sticky(phy, weight, total), weight, origin)
+    bal = layer_balancedness(best, weight)
+    weak = np.flatnonzero(bal < CHOOSE_ABOVE)
+    if weak.size == 0:
+        return best
+    # layers the sticky plan left close to CHOOSE_ABOVE buy the rest at a lower price
+    near = weak[bal[weak] >= NEAR_ENOUGH]
+    if near.size:
+        done = _finish(best[near], weight[near], origin[near])
+        reached = layer_balancedness(done, weight[near]) >= CHOOSE_ABOVE
+        best[near[reached]] = done[reached]
+        bal[near[reached]] = CHOOSE_ABOVE
+        weak = np.flatnonzero(bal < CHOOSE_ABOVE)
+        if weak.size == 0:
+            return best
+    w_weak, o_weak = weight[weak], origin[weak]
+    plans, kind, row = _retarget_options(phy[weak], w_weak)
+    kinds = len(REPLICA_CAPS) + 1
+    # screening by successive halving: every option a few steps, the best SCREEN_KEEP of
+    # each layer as many again, then the best of those
+    first = SCREEN_STEPS // 2
+    screened = _polish(plans, w_weak[row], o_weak[row], steps=first, stop_at=CHOOSE_ABOVE)
+    bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kind, row, kinds)
+    order = _preference(bal_k, copies_k)[:SCREEN_KEEP]  # [keep, B]
+    present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
+    kept_kind, kept_row = order[present], np.nonzero(present)[1]
+    again = screened[where[kept_kind, kept_row]]
+    screened = _polish(
+        again, w_weak[kept_row], o_weak[kept_row], steps=SCREEN_STEPS - first, stop_at=CHOOSE_ABOVE
+    )
+    bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kept_kind, kept_row, kinds)
+    choice = _pick(bal_k, copies_k)
+    other = _polish(screened[where[choice, np.arange(weak.size)]], w_weak, o_weak)
+    bal2 = np.stack([bal[weak], layer_balancedness(other, w_weak)])
+    copies2 = np.stack([(x != o_weak).sum(axis=(1, 2)) for x in (best[weak], other)])
+    take = _pick(bal2, copies2) == 1
+    best[weak[take]] = other[take]
+    # layers the copy penalty left just short of CHOOSE_ABOVE buy the rest at a lower price
+    short = weak[np.maximum(bal2[0], bal2[1]) < CHOOSE_ABOVE]
+    if short.size:
+        best[short] = _finish(best[short], weight[short], origin[short])
+    return best
+
+
+def _finish(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
+    """`refine` to FINISH_AT with the copy penalty scaled by FINISH_DISCOUNT."""
+    return refine(
+        phy,
+        weight,
+        origin,
+        penalty=COPY_PENALTY * FINISH_DISCOUNT,
+        stop_at=FINISH_AT,
+        max_steps=REFINE_STEPS,
+        light_ranks=LIGHT_RANKS,
+    )
+
+
+def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
+    """`fresh` [B, R, S] with its ranks re-ordered, and slots within a rank permuted, to
+    keep as many experts as possible where `origin` already has them (greedy matching of
+    ranks by overlap, then each kept expert back in its old slot)."""
+    batch, ranks = fresh.shape[:2]
+    num_experts = int(max(fresh.max(), origin.max())) + 1
+    f_has = holdings(fresh, num_experts).astype(np.float32)
+    o_has = holdings(origin, num_experts).astype(np.float32)
+    overlap = np.einsum("bie,bje->bij", f_has, o_has)  # fresh rank i vs current rank j
+    out = np.empty_like(fresh)
+    for b in range(batch):
+        score = overlap[b].copy()
+        for _ in range(ranks):
+            i, j = divmod(int(np.argmax(score)), ranks)
+            score[i, :] = -1.0
+            score[:, j] = -1.0
+            wanted = fresh[b, i]
+            old = origin[b, j]
+            stay = np.isin(old, wanted) & (old >= 0)
+            row = np.where(stay, old, -1)
+            row[~stay] = wanted[~np.isin(wanted, old[stay])]
+            out[b, j] = row
+    return out
+
+
+def fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: int) -> None:
+    """Re-plan, in place, layers the sticky plan balanced below FALLBACK_BELOW, keeping a
+    fresh (relabelled) plan where it balances better, best gain per extra copy first, while
+    the total stays within FALLBACK_BUDGET x the copy lower bound."""
+    before = layer_balancedness(phy, weight)
+    weak = np.flatnonzero(before < FALLBACK_BELOW)
+    if weak.size == 0:
+        return
+    fresh = _relabel(plan_batch(weight[weak], phy.shape[1], phy.shape[2]), origin[weak])
+    gain = layer_balancedness(fresh, weight[weak]) - before[weak]
+    copies = (phy != origin).sum(axis=(1, 2))
+    extra = (fresh != origin[weak]).sum(axis=(1, 2)) - copies[weak]
+    budget = FALLBACK_BUDGET * max(lower_bound, 1) - int(copies.sum())
+    for k in np.lexsort((np.arange(weak.size), -gain / np.maximum(extra, 1))):
+        if gain[k] <= FALLBACK_GAIN or extra[k] > budget:
+            continue
+        phy[weak[k]] = fresh[k]
+        budget -= int(extra[k])
