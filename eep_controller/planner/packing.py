@@ -82,7 +82,7 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     # n-th free slot (a stable sort puts the free slots first, in order)
     free_slots = np.argsort(work >= 0, axis=2, kind="stable")
     taken = np.zeros_like(free)
-    stuck_any = False
+    stuck_rows = np.zeros(batch, dtype=bool)  # in `by_need` order
     for k in range(width):
         m = int(np.count_nonzero(need > k))
         if m == 0:
@@ -95,7 +95,7 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
         rank = np.argmin(cost, axis=1)
         stuck = np.isinf(cost[n, rank])
         if stuck.any():
-            stuck_any = True
+            stuck_rows[:m] |= stuck
             fallback = np.argmin(np.where(open_rank, loads[:m], np.inf), axis=1)
             rank = np.where(stuck, fallback, rank)
         slot = free_slots[n, rank, taken[n, rank]]
@@ -105,8 +105,11 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
         taken[n, rank] += 1
         held[n, expert, rank] = True
     phy[by_need] = work
-    if stuck_any:
-        separate_duplicates(phy, weight, counts)
+    if stuck_rows.any():
+        rows = np.sort(by_need[stuck_rows])
+        sub = phy[rows]
+        separate_duplicates(sub, weight[rows], counts[rows])
+        phy[rows] = sub
     return phy
 
 
@@ -177,8 +180,13 @@ def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> 
     share = weight / np.maximum(counts, 1)
     # slots repeating an expert an earlier slot of their rank holds, in (row, rank, slot)
     # order; a swap never makes a duplicate, so the list only needs checking, not refreshing
-    same = phy[:, :, :, None] == phy[:, :, None, :]
-    todo = np.argwhere(np.any(same & earlier, axis=3))
+    ordered = np.argsort(phy, axis=2, kind="stable")
+    values = np.take_along_axis(phy, ordered, axis=2)
+    repeat = np.zeros(phy.shape, dtype=bool)
+    repeat[..., 1:] = values[..., 1:] == values[..., :-1]
+    later = np.zeros(phy.shape, dtype=bool)
+    np.put_along_axis(later, ordered, repeat, axis=2)
+    todo = np.argwhere(later)
     if todo.size == 0:
         return
     per_row = np.bincount(todo[:, 0], minlength=batch)
@@ -194,9 +202,11 @@ def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> 
             continue
         n = np.arange(rows.size)
         sub = phy[rows]
-        has = holdings(sub, weight.shape[1])
         # partner slots: their rank lacks the expert, and the crowded rank lacks theirs
-        fits = ~has[n, :, expert][:, :, None] & ~has[n[:, None, None], rank[:, None, None], sub]
+        crowded = np.zeros((rows.size, weight.shape[1] + 1), dtype=bool)
+        crowded[n[:, None], phy[rows, rank]] = True
+        lacks = ~np.any(sub == expert[:, None, None], axis=2)
+        fits = lacks[:, :, None] & ~crowded[n[:, None, None], sub]
         sub_share = share[rows[:, None, None], sub]
         gap = np.where(fits, np.abs(sub_share - share[rows, expert][:, None, None]), np.inf)
         best = np.argmin(gap.reshape(rows.size, -1), axis=1)

@@ -8,8 +8,6 @@ experts per rank, hence the balance, is unchanged.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from eep_controller.planner.placement import Placement
@@ -39,7 +37,7 @@ def pin_staying_experts(old: Placement, plan: RescalePlan) -> RescalePlan:
     for t in plan.transfers:
         if held[t.layer, t.dst_rank, t.expert]:
             continue  # the destination already holds it: it stays where it is
-        transfers.append(replace(t, dst_slot=int(slot_of[t.layer, t.dst_rank, t.expert])))
+        transfers.append(t._replace(dst_slot=int(slot_of[t.layer, t.dst_rank, t.expert])))
     stats = dict(plan.stats)
     stats["copies"] = len(transfers)
     stats["checkpoint_reloads"] = sum(1 for t in transfers if t.src_rank < 0)

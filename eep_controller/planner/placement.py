@@ -26,6 +26,12 @@ REPLICA_CAPS = (0.97, 0.93, 0.9, 0.85)
 PAIR_STEPS = 8
 REFINE_UNTIL = 0.9999
 REFINE_STEPS = 60
+# With at least FINE_SLOTS slots per rank, layers whose greedy counts put an expert on every
+# rank and that balance below FINE_BELOW also try a filler split at FINE_CAP of the mean
+# rank load (see `_finer_counts`).
+FINE_SLOTS = 32
+FINE_BELOW = 0.99999
+FINE_CAP = 0.5
 
 
 class Placement:
@@ -137,14 +143,14 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
     """Plan every row of `weight` [B, E] independently; returns [B, R, S]."""
     batch = weight.shape[0]
     total = num_ranks * slots_per_rank
-    greedy = greedy_counts(weight, total, num_ranks)
-    # layers whose greedy counts cannot pack to SEARCH_BELOW go straight to the search
-    hopeless = _cannot_reach(weight, greedy, num_ranks, SEARCH_BELOW) & (num_ranks > 1)
+    first = greedy_counts(weight, total, num_ranks)
+    # layers whose first counts cannot pack to SEARCH_BELOW go straight to the search
+    hopeless = _cannot_reach(weight, first, num_ranks, SEARCH_BELOW) & (num_ranks > 1)
     hopeful = np.flatnonzero(~hopeless)
     best = np.full((batch, num_ranks, slots_per_rank), -1, dtype=np.int64)
     score = np.full(batch, -1.0)
     if hopeful.size:
-        best[hopeful] = pack_scratch(weight[hopeful], greedy[hopeful], num_ranks, slots_per_rank)
+        best[hopeful] = pack_scratch(weight[hopeful], first[hopeful], num_ranks, slots_per_rank)
         score[hopeful] = layer_balancedness(best[hopeful], weight[hopeful])
     weak = np.flatnonzero(score < SEARCH_BELOW)
     # caps from the mildest split on; a layer stops searching once it balances SEARCH_DONE
@@ -160,14 +166,34 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         best[weak[better]] = tried[better]
         score[weak[better]] = tried_score[better]
         weak = weak[score[weak] < SEARCH_DONE]
-    # layers that skipped the greedy get it still when the search stayed below SEARCH_BELOW
+    # layers that skipped the first counts get them still when the search stayed below
+    # SEARCH_BELOW
     rest = np.flatnonzero(hopeless & (score < SEARCH_BELOW))
     if rest.size:
-        tried = pack_scratch(weight[rest], greedy[rest], num_ranks, slots_per_rank)
+        tried = pack_scratch(weight[rest], first[rest], num_ranks, slots_per_rank)
         better = layer_balancedness(tried, weight[rest]) > score[rest]
         best[rest[better]] = tried[better]
+    if slots_per_rank >= FINE_SLOTS:
+        # rows where the greedy gave an expert a replica on every rank (and wanted more) and
+        # that balance below FINE_BELOW also try the finer split; see `_finer_counts`
+        rows = np.flatnonzero((first.max(axis=1) >= num_ranks) & (score < FINE_BELOW))
+        if rows.size:
+            sub_w = weight[rows]
+            counts = _finer_counts(sub_w, num_ranks, slots_per_rank)
+            tried = pack_scratch(sub_w, counts, num_ranks, slots_per_rank)
+            better = layer_balancedness(tried, sub_w) > score[rows]
+            best[rows[better]] = tried[better]
     empty = np.full((batch, num_ranks, slots_per_rank), -1, dtype=np.int64)
     return refine(best, weight, empty, stop_at=REFINE_UNTIL, max_steps=REFINE_STEPS)
+
+
+def _finer_counts(weight: FloatArray, num_ranks: int, slots: int) -> IntArray:
+    """`filler_counts` at FINE_CAP of the mean rank load. When the greedy would give the
+    hottest experts more replicas than there are ranks, it spends the spare slots on them up
+    to one per rank; splitting them only to FINE_CAP of a rank's share and giving the rest
+    to cold experts leaves more small replicas to even the ranks out."""
+    caps = FINE_CAP * weight.sum(axis=1) / num_ranks
+    return filler_counts(weight, num_ranks * slots, num_ranks, caps)
 
 
 def hierarchical_ok(
@@ -226,8 +252,9 @@ def plan_placement(
 ) -> Placement:
     """Plan a balanced placement of `load` [L, E] on `num_ranks` x `slots_per_rank` slots.
 
-    Replica counts come from the greedy (largest load per replica first) and, for layers that
-    still balance poorly, a search over how much redundancy the hottest experts get; replicas
+    Replica counts come from the greedy (largest load per replica first; with 32 or more
+    slots per rank also a split that stops at half a rank's share and spends the spare
+    slots on cold experts) and, for layers that still balance poorly, a search over how much redundancy the hottest experts get; replicas
     are packed heaviest first onto the lightest rank, then improved by swaps from the hottest
     rank. Hierarchical (each expert group kept on one node) when `num_groups` and `num_nodes`
     divide evenly, else global. Deterministic.

@@ -22,6 +22,10 @@ from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 LIGHT_RANKS = 2
 FREE_BONUS = 1e6
 CANDIDATE_SLOTS = 64
+# Slots of the hottest rank considered per step: its heaviest ones.
+HOT_SLOTS = 16
+# From this many slots per rank `pair_swaps` sorts instead of forming all S x S sums.
+SORTED_SUMS_FROM = 16
 
 
 def refine(
@@ -57,6 +61,8 @@ def refine(
     light = max(1, min(light_ranks, ranks - 1, CANDIDATE_SLOTS // slots))
     slot_idx = np.tile(np.arange(slots), light)
     width = light * slots
+    hot_width = min(slots, HOT_SLOTS)
+    all_slots = np.broadcast_to(np.arange(slots), (batch, slots))
 
     for _ in range(max_steps):
         if active.size == 0:
@@ -77,12 +83,21 @@ def refine(
         e_j = phy[a_col, q_rank, q_slot]
         o_j = origin[a_col, q_rank, q_slot]
         l_q = row_loads[r_col, q_rank]
-        e_i = phy[active, hot, :]  # [n, S]
-        o_i = origin[active, hot, :]
         cnt = counts[active]
         w_row = weight[active]
+        e_i = phy[active, hot, :]  # [n, S]
+        o_i = origin[active, hot, :]
         w_i = w_row[r_col, e_i]
         c_i = cnt[r_col, e_i]
+        if hot_width < slots:
+            # only the hottest rank's heaviest slots are candidates
+            pick_i = np.argsort(-(w_i / c_i), axis=1, kind="stable")[:, :hot_width]
+            e_i = np.take_along_axis(e_i, pick_i, axis=1)
+            o_i = np.take_along_axis(o_i, pick_i, axis=1)
+            w_i = np.take_along_axis(w_i, pick_i, axis=1)
+            c_i = np.take_along_axis(c_i, pick_i, axis=1)
+        else:
+            pick_i = all_slots
         w_j = w_row[r_col, e_j]
         c_j = cnt[r_col, e_j]
         share_i = w_i / c_i
@@ -93,7 +108,9 @@ def refine(
         # q_has_i[n, i, j]: the rank of candidate slot j holds expert e_i; computed per light
         # rank and broadcast over its slots (candidate j = light rank j // S, slot j % S)
         q_has = held[a_col[:, :, None], e_i[:, :, None], lightest[:, None, :]]  # [n, S, light]
-        q_has_i = np.broadcast_to(q_has[..., None], (n, slots, light, slots)).reshape(n, slots, -1)
+        q_has_i = np.broadcast_to(q_has[..., None], (n, hot_width, light, slots)).reshape(
+            n, hot_width, -1
+        )
         h_has_j = held[a_col, e_j, hot[:, None]]  # [n, J]
         fresh_i = e_i != o_i
         fresh_j = e_j != o_j
@@ -150,6 +167,7 @@ def refine(
             break
         pick = np.where(use_rep, best_rep, best_swap)
         i_pick, j_pick = np.divmod(pick, width)
+        hot_slot = pick_i[rows, i_pick]
         q_r = q_rank[rows, j_pick]
         q_s = q_slot[rows, j_pick]
         ei = e_i[rows, i_pick]
@@ -160,7 +178,7 @@ def refine(
         sw = moving & ~use_rep
         if sw.any():
             br, hr, qr, qs, ii, a, b = (
-                active[sw], hot[sw], q_r[sw], q_s[sw], i_pick[sw], ei[sw], ej[sw]
+                active[sw], hot[sw], q_r[sw], q_s[sw], hot_slot[sw], ei[sw], ej[sw]
             )  # fmt: skip
             phy[br, hr, ii] = b
             phy[br, qr, qs] = a
@@ -241,17 +259,20 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         # when the other rank of the pair already holds its expert (separable in i and j).
         u = np.where(has[r3, cold[:, :, None], e_h], np.inf, gap[:, :, None] - 2 * share[rows, hot])
         v = np.where(has[r3, hot[:, :, None], e_c], np.inf, 2 * share[rows, cold])
-        after = np.abs(u[:, :, :, None] + v[:, :, None, :])
-        flat = after.reshape(active.size, pairs, slots * slots)
-        best = np.argmin(flat, axis=2)
-        best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
+        if slots >= SORTED_SUMS_FROM:
+            best_i, best_j, best_after = closest_sums(u, v)
+        else:
+            flat = np.abs(u[:, :, :, None] + v[:, :, None, :]).reshape(active.size, pairs, -1)
+            best = np.argmin(flat, axis=2)
+            best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
+            best_i, best_j = np.divmod(best, slots)
         take = best_after < gap * (1 - 1e-9)
         moved = take.any(axis=1)
         if not moved.any():
             break
         ai, pj = np.nonzero(take)
         bi = active[ai]
-        si, sj = np.divmod(best[ai, pj], slots)
+        si, sj = best_i[ai, pj], best_j[ai, pj]
         hr, cr = hot[ai, pj], cold[ai, pj]
         x, y = phy[bi, hr, si], phy[bi, cr, sj]
         phy[bi, hr, si], phy[bi, cr, sj] = y, x
@@ -262,3 +283,33 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         has[bi, cr, x] = True
         active = active[moved]
     return phy
+
+
+def closest_sums(u: FloatArray, v: FloatArray) -> tuple[IntArray, IntArray, FloatArray]:
+    """For each row of u, v [..., S]: the (i, j) minimising |u[i] + v[j]| and that minimum.
+
+    Sorts instead of forming all S x S sums: for each i the best j is a neighbour of where
+    -u[i] falls among the sorted v (one `searchsorted` over all rows, each row shifted into
+    its own range). Entries may be +inf (never chosen unless all are)."""
+    slots = u.shape[-1]
+    order_v = np.argsort(v, axis=-1, kind="stable")
+    v_sorted = np.take_along_axis(v, order_v, axis=-1)
+    finite = np.concatenate([u[np.isfinite(u)], v[np.isfinite(v)]])
+    span = 4.0 * (float(np.abs(finite).max(initial=0.0)) + 1.0)
+    shift = (np.arange(v_sorted.size // slots, dtype=np.float64) * 2.0 * span).reshape(
+        (*v_sorted.shape[:-1], 1)
+    )
+    keys = (np.clip(v_sorted, -span / 2, span / 2) + shift).ravel()
+    queries = np.clip(-u, -span / 2, span / 2) + shift
+    start = (np.arange(v_sorted.size // slots) * slots).reshape(shift.shape)
+    below = np.searchsorted(keys, queries.ravel()).reshape(u.shape) - start
+    lo = np.clip(below - 1, 0, slots - 1)
+    hi = np.clip(below, 0, slots - 1)
+    d_lo = np.abs(u + np.take_along_axis(v_sorted, lo, axis=-1))
+    d_hi = np.abs(u + np.take_along_axis(v_sorted, hi, axis=-1))
+    j_sorted = np.where(d_hi < d_lo, hi, lo)
+    dist = np.minimum(d_lo, d_hi)
+    k = np.argmin(dist, axis=-1)[..., None]
+    best_after = np.take_along_axis(dist, k, axis=-1)[..., 0]
+    best_j = np.take_along_axis(order_v, np.take_along_axis(j_sorted, k, axis=-1), axis=-1)[..., 0]
+    return k[..., 0], best_j, best_after

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +34,12 @@ from eep_controller.planner.validation import (
 )
 
 
-@dataclass(frozen=True, order=True)
-class Transfer:
+class Transfer(NamedTuple):
     """One expert weight copy: `src_rank` in the old numbering (-1 = reload from checkpoint),
-    `dst_rank` in the new numbering, `dst_slot` the slot index within the destination rank."""
+    `dst_rank` in the new numbering, `dst_slot` the slot index within the destination rank.
+
+    Immutable, hashable and ordered by (layer, expert, src_rank, dst_rank, dst_slot); a
+    tuple, so a plan of thousands of copies is cheap to build."""
 
     layer: int
     expert: int
@@ -245,17 +248,16 @@ def plan_rescale(
     if failed:
         old_has[:, list(failed), :] = False
     src = _choose_sources(old_has, layer_of, expert_of)
-    transfers = [
-        Transfer(int(lay), int(exp), int(s), int(dr), int(ds))
-        for lay, exp, s, dr, ds in zip(
+    transfers = list(
+        map(
+            Transfer,
             layer_of.tolist(),
             expert_of.tolist(),
             src.tolist(),
             dst_rank.tolist(),
             dst_slot.tolist(),
-            strict=True,
         )
-    ]
+    )
     placement = Placement(phy.reshape(layers, -1), slots, num_experts=num_experts)
     stats: dict[str, float] = {
         "copies": len(transfers),
