@@ -127,6 +127,30 @@ def run(quick: bool) -> dict:
     return out
 
 
+def check_targets(result: dict) -> dict:
+    """The planner issue's targets, each checked against this run: which hold, which not."""
+    checks: list[tuple[str, bool]] = []
+    for r in result["placement"]:
+        cell = f"placement {r['load']} {r['ranks']}x{r['slots']}"
+        checks.append((f"{cell}: balancedness >= baseline", r["bal_eep"] >= r["bal_base"]))
+        checks.append((f"{cell}: plan_placement <= 20 ms", r["ms_eep"] <= 20.0))
+        if r["ranks"] == 32 and r["load"] in ("zipf 1.2", "zipf 1.5"):
+            floor = 0.998 if r["load"] == "zipf 1.2" else 0.99
+            checks.append((f"{cell}: balancedness >= {floor}", r["bal_eep"] >= floor))
+    for r in result["rescale"]:
+        cell = f"rescale {r['load']} {r['scenario']}"
+        limit = 2.0 if "fail" in r["scenario"] else 1.3
+        checks.append((f"{cell}: balancedness >= 0.99", r["bal_eep"] >= 0.99))
+        checks.append((f"{cell}: copies <= {limit}x lower bound", r["ratio_eep"] <= limit))
+        checks.append((f"{cell}: plan_rescale <= 150 ms", r["ms_eep"] <= 150.0))
+        checks.append((f"{cell}: makespan <= 1.15x its bound", r["makespan_ratio"] <= 1.15))
+    return {
+        "checked": len(checks),
+        "met": sum(ok for _, ok in checks),
+        "missed": [name for name, ok in checks if not ok],
+    }
+
+
 def render(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -157,6 +181,10 @@ def render(result: dict) -> None:
             f"{r['makespan_ratio']:.3f}", f"{r['ms_eep']:.0f}", f"{r['ms_base']:.0f}",
         )  # fmt: skip
     console.print(t)
+    targets = result["targets"]
+    console.print(f"Targets met: {targets['met']} of {targets['checked']}")
+    for name in targets["missed"]:
+        console.print(f"  missed: {name}")
 
 
 def main() -> None:
@@ -165,6 +193,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer loads and repeats")
     args = parser.parse_args()
     result = run(args.quick)
+    result["targets"] = check_targets(result)
     if args.json:
         print(json.dumps(result))
     else:
