@@ -145,9 +145,14 @@ def refine(
         if xr.size:
             x_holders = held_flat.take(active[xr] * num_experts + e_j[xr, xj], axis=0)  # [m, R]
             x_holders[np.arange(xr.size), q_rank[xr, xj]] = False
-            x_load = np.where(x_holders, others.take(xr, axis=0), 0.0)
+            # holders are few: take the max over them only (loads + 1 > 0 = no holder)
+            hr, hc = np.nonzero(x_holders)
+            x_max = np.zeros(xr.size)
+            if hr.size:
+                starts = np.flatnonzero(np.concatenate(([True], hr[1:] != hr[:-1])))
+                x_max[hr[starts]] = np.maximum.reduceat(others[xr[hr], hc], starts)
             x_peak = np.full((n, width), -np.inf)
-            x_peak[xr, xj] = x_load.max(axis=1) - 1.0 + drop_rise[xr, xj]
+            x_peak[xr, xj] = x_max - 1.0 + drop_rise[xr, xj]
             np.maximum(peak, x_peak[:, None, :], out=peak)
         gain_rep = h3 - peak
         d_rep = np.not_equal(e_i[:, :, None], o_j[:, None, :]).astype(np.int8) - fresh_j[:, None, :]
