@@ -47,7 +47,9 @@ FINISH_DISCOUNT = 0.2
 NEAR_ENOUGH = 0.98
 # Refinement steps each replica-count option gets before the most promising is chosen.
 SCREEN_STEPS = 40
-# Options per layer still screened after the first half of the screening steps.
+# Steps every option gets before only the SCREEN_KEEP best of each layer go on.
+SCREEN_FIRST = SCREEN_STEPS // 2
+# Options per layer still screened after the first SCREEN_FIRST steps.
 SCREEN_KEEP = 2
 
 
@@ -270,7 +272,7 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     kinds = len(REPLICA_CAPS) + 1
     # screening by successive halving: every option a few steps, the best SCREEN_KEEP of
     # each layer as many again, then the best of those
-    first = SCREEN_STEPS // 2
+    first = SCREEN_FIRST
     screened = _polish(plans, w_weak[row], o_weak[row], steps=first, stop_at=CHOOSE_ABOVE)
     bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kind, row, kinds)
     order = _preference(bal_k, copies_k)[:SCREEN_KEEP]  # [keep, B]
