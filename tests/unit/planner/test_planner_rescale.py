@@ -215,3 +215,27 @@ def test_mildly_skewed_scale_up_finishes_the_sticky_plan_near_the_bound() -> Non
     assert_valid_plan(current, plan, ())
     assert plan.stats["balancedness_after"] >= 0.99
     assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    slots=st.integers(17, 40),
+    old=st.integers(2, 4),
+    new=st.integers(2, 5),
+    skew=st.sampled_from([0.0, 1.0, 1.5]),
+    seed=st.integers(0, 2**16),
+    fail=st.booleans(),
+)
+def test_many_slots_per_rank_rescale_is_valid(
+    slots: int, old: int, new: int, skew: float, seed: int, fail: bool
+) -> None:
+    """Above 16 slots per rank the refinement looks at the hottest rank's heaviest slots
+    only and the placement may use the finer split; every invariant still holds."""
+    experts = min(old, new) * slots - 3
+    current = plan_placement(zipf_load(2, experts, skew, seed), old, slots)
+    load = zipf_load(2, experts, skew, seed + 1)
+    failed = (0,) if fail and old > 1 and new >= old - 1 else ()
+    plan = plan_rescale(current, load, new, failed_ranks=failed)
+    assert_valid_placement(plan.placement, experts, new, slots)
+    assert_valid_plan(current, plan, failed)
+    assert plan.stats["copies"] >= plan.stats["lower_bound"]
