@@ -47,6 +47,8 @@ FINISH_DISCOUNT = 0.2
 NEAR_ENOUGH = 0.98
 # Refinement steps each replica-count option gets before the most promising is chosen.
 SCREEN_STEPS = 40
+# Layers the search leaves below this get every option refined in full (see `_rescue`).
+RESCUE_BELOW = FALLBACK_BELOW
 # Steps every option gets before only the SCREEN_KEEP best of each layer go on.
 SCREEN_FIRST = SCREEN_STEPS // 2
 # Options per layer still screened after the first SCREEN_FIRST steps.
@@ -293,7 +295,46 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     short = weak[np.maximum(bal2[0], bal2[1]) < CHOOSE_ABOVE]
     if short.size:
         best[short] = _finish(best[short], weight[short], origin[short])
+        _rescue(best, weight, origin, weak, plans, kind, row, kinds)
     return best
+
+
+def _rescue(
+    best: IntArray,
+    weight: FloatArray,
+    origin: IntArray,
+    weak: IntArray,
+    plans: IntArray,
+    kind: IntArray,
+    row: IntArray,
+    kinds: int,
+) -> None:
+    """Layers of `weak` still below RESCUE_BELOW after the search get every replica-count
+    option refined in full (screening can drop the one option that does not stall), kept
+    where `_pick` prefers it. Only layers all options leave short reach `fallback`, whose
+    fresh plans cost several times the copies."""
+    short = layer_balancedness(best[weak], weight[weak]) < RESCUE_BELOW
+    if not short.any():
+        return
+    at = np.full(weak.size, -1)
+    at[np.flatnonzero(short)] = np.arange(int(short.sum()))
+    mine = at[row] >= 0
+    sub_rows = weak[row[mine]]
+    tried = _finish(
+        _polish(plans[mine], weight[sub_rows], origin[sub_rows]), weight[sub_rows], origin[sub_rows]
+    )
+    layers = weak[short]
+    bal_k, copies_k, where = _scores(
+        tried, weight[layers], origin[layers], kind[mine], at[row[mine]], kinds
+    )
+    choice = _pick(bal_k, copies_k)
+    cols = np.arange(layers.size)
+    found = np.isfinite(bal_k[choice, cols])
+    candidate = tried[where[choice, cols]]
+    bal2 = np.stack([layer_balancedness(best[layers], weight[layers]), bal_k[choice, cols]])
+    copies2 = np.stack([(best[layers] != origin[layers]).sum(axis=(1, 2)), copies_k[choice, cols]])
+    take = found & (_pick(bal2, copies2) == 1)
+    best[layers[take]] = candidate[take]
 
 
 def _finish(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:

@@ -239,3 +239,31 @@ def test_many_slots_per_rank_rescale_is_valid(
     assert_valid_placement(plan.placement, experts, new, slots)
     assert_valid_plan(current, plan, failed)
     assert plan.stats["copies"] >= plan.stats["lower_bound"]
+
+
+def test_rescue_refines_every_option_for_a_layer_the_search_left_short() -> None:
+    from eep_controller.planner.placement import layer_balancedness
+    from eep_controller.planner.search import (
+        CHOOSE_ABOVE,
+        REPLICA_CAPS,
+        RESCUE_BELOW,
+        _rescue,
+        _retarget_options,
+        _sticky,
+    )
+
+    # a skewed shrink: the sticky plan alone (no refinement) balances far below the bar
+    load = zipf_load(2, 64, 1.5, seed=5)
+    current = plan_placement(load, 12, 10)
+    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
+    origin = current.by_rank()[:, survivors].copy()
+    best = _sticky(origin, load, 8 * 10)
+    assert np.all(layer_balancedness(best, load) < RESCUE_BELOW)
+    weak = np.arange(2)
+    plans, kind, row = _retarget_options(origin, load)
+    _rescue(best, load, origin, weak, plans, kind, row, len(REPLICA_CAPS) + 1)
+    assert np.all(layer_balancedness(best, load) >= CHOOSE_ABOVE)
+    # still a placement with 8 slots per rank and every expert present
+    assert best.shape == origin.shape
+    for layer in range(2):
+        assert set(best[layer].ravel().tolist()) == set(range(64))
