@@ -23,7 +23,7 @@ LIGHT_RANKS = 2
 FREE_BONUS = 1e6
 CANDIDATE_SLOTS = 64
 # Slots of the hottest rank considered per step: its heaviest ones.
-HOT_SLOTS = 16
+HOT_SLOTS = 12
 # From this many slots per rank `pair_swaps` sorts instead of forming all S x S sums.
 SORTED_SUMS_FROM = 16
 
