@@ -143,14 +143,14 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
     """Plan every row of `weight` [B, E] independently; returns [B, R, S]."""
     batch = weight.shape[0]
     total = num_ranks * slots_per_rank
-    first = greedy_counts(weight, total, num_ranks)
-    # layers whose first counts cannot pack to SEARCH_BELOW go straight to the search
-    hopeless = _cannot_reach(weight, first, num_ranks, SEARCH_BELOW) & (num_ranks > 1)
+    greedy = greedy_counts(weight, total, num_ranks)
+    # layers whose greedy counts cannot pack to SEARCH_BELOW go straight to the search
+    hopeless = _cannot_reach(weight, greedy, num_ranks, SEARCH_BELOW) & (num_ranks > 1)
     hopeful = np.flatnonzero(~hopeless)
     best = np.full((batch, num_ranks, slots_per_rank), -1, dtype=np.int64)
     score = np.full(batch, -1.0)
     if hopeful.size:
-        best[hopeful] = pack_scratch(weight[hopeful], first[hopeful], num_ranks, slots_per_rank)
+        best[hopeful] = pack_scratch(weight[hopeful], greedy[hopeful], num_ranks, slots_per_rank)
         score[hopeful] = layer_balancedness(best[hopeful], weight[hopeful])
     weak = np.flatnonzero(score < SEARCH_BELOW)
     # caps from the mildest split on; a layer stops searching once it balances SEARCH_DONE
@@ -166,17 +166,16 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         best[weak[better]] = tried[better]
         score[weak[better]] = tried_score[better]
         weak = weak[score[weak] < SEARCH_DONE]
-    # layers that skipped the first counts get them still when the search stayed below
-    # SEARCH_BELOW
+    # layers that skipped the greedy get it still when the search stayed below SEARCH_BELOW
     rest = np.flatnonzero(hopeless & (score < SEARCH_BELOW))
     if rest.size:
-        tried = pack_scratch(weight[rest], first[rest], num_ranks, slots_per_rank)
+        tried = pack_scratch(weight[rest], greedy[rest], num_ranks, slots_per_rank)
         better = layer_balancedness(tried, weight[rest]) > score[rest]
         best[rest[better]] = tried[better]
     if slots_per_rank >= FINE_SLOTS:
         # rows where the greedy gave an expert a replica on every rank (and wanted more) and
         # that balance below FINE_BELOW also try the finer split; see `_finer_counts`
-        rows = np.flatnonzero((first.max(axis=1) >= num_ranks) & (score < FINE_BELOW))
+        rows = np.flatnonzero((greedy.max(axis=1) >= num_ranks) & (score < FINE_BELOW))
         if rows.size:
             sub_w = weight[rows]
             counts = _finer_counts(sub_w, num_ranks, slots_per_rank)
@@ -254,9 +253,9 @@ def plan_placement(
 
     Replica counts come from the greedy (largest load per replica first; with 32 or more
     slots per rank also a split that stops at half a rank's share and spends the spare
-    slots on cold experts) and, for layers that still balance poorly, a search over how much redundancy the hottest experts get; replicas
-    are packed heaviest first onto the lightest rank, then improved by swaps from the hottest
-    rank. Hierarchical (each expert group kept on one node) when `num_groups` and `num_nodes`
+    slots on cold experts) and, for layers that still balance poorly, a search over how
+    much redundancy the hottest experts get; replicas are packed heaviest first onto the
+    lightest rank, then improved by swaps from the hottest rank. Hierarchical (each expert group kept on one node) when `num_groups` and `num_nodes`
     divide evenly, else global. Deterministic.
     """
     weight = checked_load(load)

@@ -274,15 +274,18 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     kinds = len(REPLICA_CAPS) + 1
     # screening by successive halving: every option a few steps, the best SCREEN_KEEP of
     # each layer as many again, then the best of those
-    first = SCREEN_FIRST
-    screened = _polish(plans, w_weak[row], o_weak[row], steps=first, stop_at=CHOOSE_ABOVE)
+    screened = _polish(plans, w_weak[row], o_weak[row], steps=SCREEN_FIRST, stop_at=CHOOSE_ABOVE)
     bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kind, row, kinds)
     order = _preference(bal_k, copies_k)[:SCREEN_KEEP]  # [keep, B]
     present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
     kept_kind, kept_row = order[present], np.nonzero(present)[1]
     again = screened[where[kept_kind, kept_row]]
     screened = _polish(
-        again, w_weak[kept_row], o_weak[kept_row], steps=SCREEN_STEPS - first, stop_at=CHOOSE_ABOVE
+        again,
+        w_weak[kept_row],
+        o_weak[kept_row],
+        steps=SCREEN_STEPS - SCREEN_FIRST,
+        stop_at=CHOOSE_ABOVE,
     )
     bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kept_kind, kept_row, kinds)
     choice = _pick(bal_k, copies_k)
@@ -327,13 +330,13 @@ def _rescue(
     bal_k, copies_k, where = _scores(
         tried, weight[layers], origin[layers], kind[mine], at[row[mine]], kinds
     )
+    # every layer has at least the greedy option, so each pick is a real plan
     choice = _pick(bal_k, copies_k)
     cols = np.arange(layers.size)
-    found = np.isfinite(bal_k[choice, cols])
     candidate = tried[where[choice, cols]]
     bal2 = np.stack([layer_balancedness(best[layers], weight[layers]), bal_k[choice, cols]])
     copies2 = np.stack([(best[layers] != origin[layers]).sum(axis=(1, 2)), copies_k[choice, cols]])
-    take = found & (_pick(bal2, copies2) == 1)
+    take = _pick(bal2, copies2) == 1
     best[layers[take]] = candidate[take]
 
 
