@@ -172,23 +172,41 @@ def _untangle_round(ranks: IntArray, dealt: IntArray, has: BoolArray) -> None:
 def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
     """Swap away, in place, every second replica of an expert on one rank.
 
-    A partner always exists while each count is <= R: some rank without the expert holds an
-    expert the crowded rank lacks. The swap partner is the slot of most similar load.
+    While each count is <= R, a rank q lacking the expert exists. Best partner: a slot of
+    such a q whose expert the crowded rank lacks (the swap removes one duplicate and makes
+    none), the one of most similar load. When every such q only holds experts the crowded
+    rank has, q holds a duplicate itself (it has S slots, the crowded rank fewer than S
+    distinct experts); swapping with one of q's duplicates still removes one duplicate
+    overall, so passes repeat until none is left.
     """
+    for _ in range(phy.shape[1] * phy.shape[2] + 1):
+        if not _separate_pass(phy, weight, counts):
+            return
+    raise AssertionError("duplicate replicas left after every pass")
+
+
+def _repeats(phy: IntArray) -> BoolArray:
+    """[..., S] True where a slot repeats an expert an earlier slot of its rank holds."""
+    ordered = np.argsort(phy, axis=-1, kind="stable")
+    values = np.take_along_axis(phy, ordered, axis=-1)
+    repeat = np.zeros(phy.shape, dtype=bool)
+    repeat[..., 1:] = values[..., 1:] == values[..., :-1]
+    later = np.zeros(phy.shape, dtype=bool)
+    np.put_along_axis(later, ordered, repeat, axis=-1)
+    return later
+
+
+def _separate_pass(phy: IntArray, weight: FloatArray, counts: IntArray) -> bool:
+    """One pass of `separate_duplicates`; False when there was no duplicate to separate."""
     batch, _, slots = phy.shape
     earlier = np.tri(slots, slots, -1, dtype=bool)  # earlier[s, t]: slot t comes before s
     share = weight / np.maximum(counts, 1)
     # slots repeating an expert an earlier slot of their rank holds, in (row, rank, slot)
-    # order; a swap never makes a duplicate, so the list only needs checking, not refreshing
-    ordered = np.argsort(phy, axis=2, kind="stable")
-    values = np.take_along_axis(phy, ordered, axis=2)
-    repeat = np.zeros(phy.shape, dtype=bool)
-    repeat[..., 1:] = values[..., 1:] == values[..., :-1]
-    later = np.zeros(phy.shape, dtype=bool)
-    np.put_along_axis(later, ordered, repeat, axis=2)
-    todo = np.argwhere(later)
+    # order; a swap with a fitting partner never makes a duplicate, so within the pass the
+    # list only needs checking, not refreshing
+    todo = np.argwhere(_repeats(phy))
     if todo.size == 0:
-        return
+        return False
     per_row = np.bincount(todo[:, 0], minlength=batch)
     start = np.concatenate(([0], np.cumsum(per_row)[:-1]))
     for k in range(int(per_row.max())):
@@ -209,6 +227,15 @@ def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> 
         fits = lacks[:, :, None] & ~crowded[n[:, None, None], sub]
         sub_share = share[rows[:, None, None], sub]
         gap = np.where(fits, np.abs(sub_share - share[rows, expert][:, None, None]), np.inf)
+        stuck = ~np.isfinite(gap.reshape(rows.size, -1).min(axis=1))
+        if stuck.any():
+            # no fitting partner: a duplicate of a rank lacking the expert will do
+            dup = lacks[stuck][:, :, None] & _repeats(sub[stuck])
+            gap[stuck] = np.where(
+                dup,
+                np.abs(sub_share[stuck] - share[rows[stuck], expert[stuck]][:, None, None]),
+                np.inf,
+            )
         best = np.argmin(gap.reshape(rows.size, -1), axis=1)
         if not np.all(np.isfinite(gap.reshape(rows.size, -1)[n, best])):
             raise AssertionError("no swap separates a duplicate replica")
@@ -216,3 +243,4 @@ def separate_duplicates(phy: IntArray, weight: FloatArray, counts: IntArray) -> 
         moved = sub[n, other, other_slot]
         phy[rows, rank, slot] = moved
         phy[rows, other, other_slot] = expert
+    return True

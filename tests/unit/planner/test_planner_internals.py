@@ -114,3 +114,16 @@ def test_cannot_reach_flags_only_provably_unpackable_counts() -> None:
     ones = np.ones((1, 8), dtype=np.int64)
     assert _cannot_reach(np.ones((1, 8)), ones, ranks, 0.99).tolist() == [False]
     assert _cannot_reach(np.zeros((1, 8)), ones, ranks, 0.99).tolist() == [False]
+
+
+def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing_new() -> None:
+    """Rank 0 holds expert 0 twice; rank 1 is the only rank without expert 0 and holds only
+    experts rank 0 has, so no single fitting swap exists. Swapping with one of rank 1's own
+    duplicates and passing again must still leave every rank with distinct experts."""
+    phy = np.array([[[0, 0, 1, 2], [1, 1, 2, 2], [0, 3, 4, 5], [0, 6, 7, 8]]])
+    weight = np.arange(1.0, 10.0)[None]
+    counts = count_replicas(phy, 9)
+    separate_duplicates(phy, weight, counts)
+    for rank in phy[0]:
+        assert len(set(rank.tolist())) == 4
+    assert np.array_equal(count_replicas(phy, 9), counts)

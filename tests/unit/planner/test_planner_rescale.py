@@ -267,3 +267,14 @@ def test_rescue_refines_every_option_for_a_layer_the_search_left_short() -> None
     assert best.shape == origin.shape
     for layer in range(2):
         assert set(best[layer].ravel().tolist()) == set(range(64))
+
+
+def test_failure_on_few_ranks_with_many_slots_each() -> None:
+    """Found by the property test above: 2 ranks x 39 slots, rank 0 fails, 4 ranks after.
+    Most experts need a replica on every rank, and the sticky fill left duplicates that no
+    single swap could separate."""
+    experts = 2 * 39 - 3
+    current = plan_placement(zipf_load(2, experts, 1.5, 178), 2, 39)
+    plan = plan_rescale(current, zipf_load(2, experts, 1.5, 179), 4, failed_ranks=(0,))
+    assert_valid_placement(plan.placement, experts, 4, 39)
+    assert_valid_plan(current, plan, (0,))
