@@ -5,7 +5,8 @@
     python -m bench.planner --quick   # fewer loads and repeats (< 60 s)
 
 Shapes: 58 layers x 256 experts, 44 MB per expert (DeepSeek-V3 FP8). Loads are planned and
-scored on the same expected load.
+scored on the same expected load. plan_rescale is timed with the planner's worker processes
+(one per spare core) and in this process alone; the plans are identical.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from eep_controller.planner import (
     plan_rescale,
     schedule_transfers,
 )
+from eep_controller.planner.workers import configure_workers, wait_for_workers, worker_pids
 
 LAYERS, EXPERTS = 58, 256
 EXPERT_BYTES = 44.05e6
@@ -76,6 +78,13 @@ def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict
     name, old, new, slots, failed = case
     current = plan_placement(load, old, slots)
     t_eep, plan = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
+    # the same plan computed in this process alone, for comparison
+    configure_workers(0)
+    t_one, alone = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
+    configure_workers(None)
+    wait_for_workers()
+    if not np.array_equal(alone.placement.phy2log, plan.placement.phy2log):
+        raise AssertionError(f"{name}: the plan differs with and without planner workers")
     sched = schedule_transfers(plan, EXPERT_BYTES, link_bandwidth=LINK_BANDWIDTH)
     gone = list(failed) + list(range(old - 1, -1, -1))[: max(0, old - len(failed) - new)]
     gone = [r for r in dict.fromkeys(gone)][: max(len(failed), old - new)]
@@ -105,6 +114,7 @@ def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict
         "makespan_ratio": sched.makespan / max(sched.makespan_lower_bound, 1e-12),
         "rounds": len(sched.rounds),
         "ms_eep": t_eep,
+        "ms_eep_one_process": t_one,
         "ms_base": t_base,
     }
 
@@ -115,7 +125,9 @@ def run(quick: bool) -> dict:
         ("lognormal", 0.5), ("lognormal", 1.0),
     ]  # fmt: skip
     reps = 3 if quick else 7
+    wait_for_workers()
     out: dict[str, Any] = {"layers": LAYERS, "experts": EXPERTS, "expert_bytes": EXPERT_BYTES,
+                           "planner_workers": len(worker_pids()),
                            "placement": [], "rescale": []}  # fmt: skip
     for kind, param in loads:
         load = make_load(kind, param)
@@ -169,7 +181,7 @@ def render(result: dict) -> None:
     t = Table(title="Rescale (44 MB/expert): copies vs the lower bound, balance, transfer time")
     cols = ("load", "scenario", "bal eep", "bal base", "copies eep", "base", "LB", "eep/LB",
             "base/LB", "GB eep", "GB base", "max in GB", "max out GB", "makespan/LB",
-            "ms eep", "ms base")  # fmt: skip
+            "ms eep", "ms 1 proc", "ms base")  # fmt: skip
     for col in cols:
         t.add_column(col, justify="right")
     for r in result["rescale"]:
@@ -178,9 +190,14 @@ def render(result: dict) -> None:
             str(r["copies_eep"]), str(r["copies_base"]), str(r["lower_bound"]),
             f"{r['ratio_eep']:.2f}", f"{r['ratio_base']:.2f}", f"{r['gb_eep']:.0f}",
             f"{r['gb_base']:.0f}", f"{r['max_in_gb']:.1f}", f"{r['max_out_gb']:.1f}",
-            f"{r['makespan_ratio']:.3f}", f"{r['ms_eep']:.0f}", f"{r['ms_base']:.0f}",
+            f"{r['makespan_ratio']:.3f}", f"{r['ms_eep']:.0f}",
+            f"{r['ms_eep_one_process']:.0f}", f"{r['ms_base']:.0f}",
         )  # fmt: skip
     console.print(t)
+    console.print(
+        f"plan_rescale ran with {result['planner_workers']} planner worker process(es) besides "
+        "this one ('ms 1 proc': this process alone; the plans are identical)"
+    )
     targets = result["targets"]
     console.print(f"Targets met: {targets['met']} of {targets['checked']}")
     for name in targets["missed"]:

@@ -114,6 +114,17 @@ class OperationSettings(_Group):
     link_bandwidth_bytes_per_s: float = Field(default=1.0e9, gt=0)
 
 
+class PlannerSettings(_Group):
+    """How the planner runs (its results never depend on it)."""
+
+    workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="worker processes planning layers in parallel; none = cores - 1 (max 3), "
+        "0 = plan in the controller process only",
+    )
+
+
 class Settings(BaseSettings):
     """Everything the controller reads at start-up."""
 
@@ -129,6 +140,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     election: ElectionSettings = Field(default_factory=ElectionSettings)
     operations: OperationSettings = Field(default_factory=OperationSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -61,3 +61,12 @@ def private_etcd(tmp_path: Path) -> Iterator[EmbeddedEtcd]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _planner_workers_stopped() -> Iterator[None]:
+    """Planner worker processes started by any test are stopped (by pid) at the end."""
+    from eep_controller.planner.workers import shutdown_workers
+
+    yield
+    shutdown_workers()

@@ -16,6 +16,7 @@ from eep_controller.api.limits import BodySizeLimit
 from eep_controller.api.problems import Problem, install_problem_handlers, problem_response
 from eep_controller.api.routes import deployments, health, layouts, nodes, operations, stream
 from eep_controller.errors import EepError
+from eep_controller.planner.workers import configure_workers, shutdown_workers
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        configure_workers(ctx.settings.planner.workers)
         ctx.election.start()
         for factory in background or []:
             ctx.background.append(
@@ -48,6 +50,7 @@ def create_app(
                     await task
             ctx.background.clear()
             await ctx.election.stop()
+            await asyncio.to_thread(shutdown_workers)
 
     app = FastAPI(
         title="eep controller",

@@ -32,6 +32,7 @@ from eep_controller.planner.validation import (
     checked_positive,
     checked_ranks,
 )
+from eep_controller.planner.workers import by_layers
 
 
 class Transfer(NamedTuple):
@@ -236,7 +237,7 @@ def plan_rescale(
     np.put_along_axis(dup, ordered, repeat, axis=2)
     phy[dup] = -1
 
-    phy = best_candidate(phy, weight, origin)
+    phy = by_layers(best_candidate, phy, weight, origin)
 
     lower_bound = copy_lower_bound(current, new_ranks, removed, failed)
     fallback(phy, weight, origin, lower_bound)

@@ -1,0 +1,159 @@
+"""Planner worker processes: the same plan with and without them, and every fault handled.
+
+These start real worker processes (``python -m eep_controller.planner.worker``) and stop
+them by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from planner_checks import assert_valid_plan, zipf_load
+
+from eep_controller.planner import plan_placement, plan_rescale
+from eep_controller.planner.search import best_candidate
+from eep_controller.planner.workers import (
+    WORKERS_ENV,
+    by_layers,
+    configure_workers,
+    layers_served,
+    read_frame,
+    send_frame,
+    shutdown_workers,
+    wait_for_workers,
+    worker_pids,
+)
+
+LAYERS = 12
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.fixture
+def one_worker() -> Iterator[None]:
+    configure_workers(1)
+    assert wait_for_workers(timeout=60)
+    yield
+    pids = worker_pids()
+    configure_workers(None)
+    assert all(_gone(pid) for pid in pids)
+
+
+def _case() -> tuple[object, np.ndarray]:
+    load = zipf_load(LAYERS, 64, 1.3, seed=3)
+    return plan_placement(load, 12, 7), load
+
+
+def _plans_equal(a: object, b: object) -> None:
+    assert np.array_equal(a.placement.phy2log, b.placement.phy2log)  # type: ignore[attr-defined]
+    assert a.transfers == b.transfers  # type: ignore[attr-defined]
+    assert np.array_equal(a.rank_map, b.rank_map)  # type: ignore[attr-defined]
+
+
+def test_same_plan_with_and_without_workers(one_worker: None) -> None:
+    current, load = _case()
+    pid = worker_pids()
+    assert len(pid) == 1
+    served = layers_served()
+    with_workers = [plan_rescale(current, load, n) for n in (10, 16, 12)]
+    assert layers_served() == served + 3 * (LAYERS // 2)  # every other layer went there
+    assert worker_pids() == pid  # the same worker served every plan
+    configure_workers(0)
+    served = layers_served()
+    alone = [plan_rescale(current, load, n) for n in (10, 16, 12)]
+    assert layers_served() == served
+    assert worker_pids() == []
+    assert _gone(pid[0])
+    for a, b in zip(with_workers, alone, strict=True):
+        _plans_equal(a, b)
+        assert_valid_plan(current, a, load)
+
+
+def test_a_killed_worker_is_replaced_and_the_plan_is_unchanged(one_worker: None) -> None:
+    current, load = _case()
+    expected = plan_rescale(current, load, 16)
+    (pid,) = worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    served = layers_served()
+    _plans_equal(plan_rescale(current, load, 16), expected)  # planned here instead
+    assert layers_served() == served
+    assert wait_for_workers(timeout=60)
+    (fresh,) = worker_pids()
+    assert fresh != pid
+    _plans_equal(plan_rescale(current, load, 16), expected)
+    assert layers_served() == served + LAYERS // 2
+
+
+def test_an_error_in_the_worker_is_raised_in_the_caller(one_worker: None) -> None:
+    phy = np.zeros((LAYERS, 4, 2), dtype=np.int64)
+    weight = np.ones((LAYERS, 3))  # expert ids in phy fit, but origin has the wrong rank
+    origin = np.zeros((LAYERS, 5, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match="broadcast"):
+        by_layers(best_candidate, phy, weight, origin)
+    assert len(worker_pids()) == 1  # the worker survives a failed call
+
+
+def test_small_plans_stay_in_the_calling_process(one_worker: None) -> None:
+    load = zipf_load(2, 16, 1.0)
+    current = plan_placement(load, 4, 5)
+    seen: list[int] = []
+
+    def local(*arrays: np.ndarray) -> np.ndarray:
+        seen.append(os.getpid())
+        return best_candidate(*arrays)
+
+    phy = current.by_rank()
+    by_layers(local, phy, load, phy)  # a local function could not even be sent
+    assert seen == [os.getpid()]
+
+
+def test_the_worker_runs_only_planner_functions() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eep_controller.planner.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert read_frame(proc.stdout) == "ready"
+        send_frame(proc.stdin, ("os", "system", ("true",)))
+        status, message = read_frame(proc.stdout)
+        assert status == "error"
+        assert "not a planner function" in message
+        load = zipf_load(1, 8, 1.0)
+        send_frame(
+            proc.stdin,
+            ("eep_controller.planner.replication", "greedy_counts", (load, 12, 4)),
+        )
+        status, counts = read_frame(proc.stdout)
+        assert status == "ok"
+        assert counts.sum() == 12
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_worker_count_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        configure_workers(-1)
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    configure_workers(None)
+    current, load = _case()
+    with pytest.raises(ValueError, match=WORKERS_ENV):
+        plan_rescale(current, load, 16)
+    monkeypatch.setenv(WORKERS_ENV, "0")
+    plan_rescale(current, load, 16)
+    assert worker_pids() == []
+    shutdown_workers()
