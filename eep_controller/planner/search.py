@@ -174,6 +174,38 @@ def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray
     return fill_free_slots(phy, weight, counts)
 
 
+def _prefer_kept(
+    counts: IntArray, kept: IntArray, weight: FloatArray, *, coldest: bool
+) -> IntArray:
+    """`counts` [B, E] with replicas moved, one at a time, from an expert that would need a
+    new copy (more replicas than survive) to one whose surviving replicas would be dropped,
+    while the moved-from expert's replicas stay no heavier than the heaviest replica the
+    counts already make: a surviving replica kept costs no copy, a new one costs one."""
+    counts = counts.copy()
+    cap = weight.sum(axis=1) / counts.sum(axis=1)  # the mean replica
+    rows = np.arange(counts.shape[0])
+    todo = rows
+    for _ in range(int(counts.sum(axis=1).max(initial=0))):
+        c, k, w = counts[todo], kept[todo], weight[todo]
+        n = np.arange(todo.size)
+        grown = np.where((c > np.maximum(k, 1)) & (k == 0), w / np.maximum(c - 1, 1), np.inf)
+        give = np.argmin(grown, axis=1)
+        relief = np.where(k > c, -w / c if coldest else w / c, -np.inf)
+        take = np.argmax(relief, axis=1)
+        ok = (grown[n, give] <= cap[todo]) & np.isfinite(relief[n, take])
+        if not ok.any():
+            break
+        todo, give, take = todo[ok], give[ok], take[ok]
+        counts[todo, give] -= 1
+        counts[todo, take] += 1
+    return counts
+
+
+# Replica-count options per layer: the greedy, and per cap a filler split as is and with
+# replicas moved to surviving ones (largest or coldest first, see `_prefer_kept`).
+OPTIONS = 1 + 2 * len(REPLICA_CAPS)
+
+
 def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntArray, IntArray]:
     """`_retargeted` plans for the replica-count options planned for the new size: the
     greedy and one filler split per cap of `REPLICA_CAPS` (see `filler_counts`).
@@ -184,7 +216,10 @@ def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntA
     total = ranks * slots
     level = weight.sum(axis=1) / ranks
     options = [greedy_counts(weight, total, ranks)]
-    options += [filler_counts(weight, total, ranks, cap * level) for cap in REPLICA_CAPS]
+    kept = count_replicas(phy, weight.shape[1])
+    for cap in REPLICA_CAPS:
+        filler = filler_counts(weight, total, ranks, cap * level)
+        options += [_prefer_kept(filler, kept, weight, coldest=c) for c in (False, True)]
     counts = np.stack(options)  # [K, B, E]
     repeat = np.zeros(counts.shape[:2], dtype=bool)
     for k in range(1, counts.shape[0]):
@@ -271,7 +306,7 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
             return best
     w_weak, o_weak = weight[weak], origin[weak]
     plans, kind, row = _retarget_options(phy[weak], w_weak)
-    kinds = len(REPLICA_CAPS) + 1
+    kinds = OPTIONS
     # screening by successive halving: every option a few steps, the best SCREEN_KEEP of
     # each layer as many again, then the best of those
     screened = _polish(plans, w_weak[row], o_weak[row], steps=SCREEN_FIRST, stop_at=CHOOSE_ABOVE)

@@ -11,6 +11,8 @@ from eep_controller.planner import balancedness, choose_removed_ranks, plan_plac
 from eep_controller.planner.packing import count_replicas, holdings, separate_duplicates
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
+from eep_controller.planner.replication import filler_counts
+from eep_controller.planner.search import _prefer_kept
 
 
 def _distinct_per_rank(phy: np.ndarray) -> bool:
@@ -127,3 +129,50 @@ def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing
     for rank in phy[0]:
         assert len(set(rank.tolist())) == 4
     assert np.array_equal(count_replicas(phy, 9), counts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    experts=st.integers(4, 40),
+    ranks=st.integers(2, 8),
+    removed=st.integers(1, 4),
+    skew=st.sampled_from([0.0, 0.5, 1.2, 2.0]),
+    seed=st.integers(0, 2**16),
+    coldest=st.booleans(),
+)
+def test_prefer_kept_trades_new_copies_for_surviving_replicas(
+    experts: int, ranks: int, removed: int, skew: float, seed: int, coldest: bool
+) -> None:
+    slots = max(1, -(-experts // ranks)) + 1
+    load = zipf_load(3, experts, skew, seed)
+    old = plan_placement(load, ranks + removed, slots).by_rank()[:, :ranks]
+    kept = count_replicas(old, experts)
+    level = load.sum(axis=1) / ranks
+    counts = filler_counts(load, ranks * slots, ranks, 0.9 * level)
+    out = _prefer_kept(counts, kept, load, coldest=coldest)
+    assert np.array_equal(out, _prefer_kept(counts, kept, load, coldest=coldest))
+    assert np.array_equal(out.sum(axis=1), counts.sum(axis=1))
+    assert out.min() >= 1 and out.max() <= ranks
+
+    def writes(c: np.ndarray) -> np.ndarray:
+        return np.maximum(c - kept, 0).sum(axis=1)
+
+    moves = np.abs(out - counts).sum(axis=1) // 2
+    # every move keeps a surviving replica instead of writing a new one
+    assert np.array_equal(writes(out), writes(counts) - moves)
+    # replicas only grow where survivors hold them; only orphans give replicas away
+    grew, shrank = out > counts, out < counts
+    assert np.all(out[grew] <= kept[grew])
+    assert np.all(kept[shrank] == 0)
+    # and none of their replicas gets heavier than the mean replica
+    mean_replica = (load.sum(axis=1) / counts.sum(axis=1))[:, None]
+    share = load / out
+    assert np.all(share[shrank] <= np.broadcast_to(mean_replica, share.shape)[shrank] + 1e-12)
+
+
+def test_prefer_kept_moves_an_orphans_second_replica_to_a_surviving_duplicate() -> None:
+    weight = np.array([[1.0, 1.0, 30.0, 4.0]])
+    kept = np.array([[0, 1, 1, 3]])  # expert 0 is an orphan, expert 3 has 3 survivors
+    counts = np.array([[2, 1, 2, 1]])  # a plan that writes the orphan twice
+    out = _prefer_kept(counts, kept, weight, coldest=True)
+    assert out.tolist() == [[1, 1, 2, 2]]
