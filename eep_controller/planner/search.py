@@ -47,12 +47,12 @@ FINISH_DISCOUNT = 0.2
 NEAR_ENOUGH = 0.98
 # Refinement steps each replica-count option gets before the most promising is chosen.
 SCREEN_STEPS = 40
+# Screening: every option gets SCREEN_FIRST refinement steps; then, per stage of
+# SCREEN_STAGES, (options per layer kept, steps they get).
+SCREEN_FIRST = SCREEN_STEPS // 2
+SCREEN_STAGES = ((2, SCREEN_STEPS - SCREEN_FIRST),)
 # Layers the search leaves below this get every option refined in full (see `_rescue`).
 RESCUE_BELOW = FALLBACK_BELOW
-# Steps every option gets before only the SCREEN_KEEP best of each layer go on.
-SCREEN_FIRST = SCREEN_STEPS // 2
-# Options per layer still screened after the first SCREEN_FIRST steps.
-SCREEN_KEEP = 2
 
 
 def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: int) -> None:
@@ -134,15 +134,15 @@ def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
     safe = np.maximum(phy, 0).reshape(batch, -1)
     # over[b, r, s]: the slot holds a replica its expert has too many of
     over = (phy >= 0) & (np.take_along_axis(surplus, safe, axis=1).reshape(phy.shape) > 0)
+    per_rank = over.sum(axis=2)  # surplus slots per rank, kept up to date with `over`
     todo = np.flatnonzero(left > 0)
     while todo.size:
-        n = np.arange(todo.size)
-        sub = over[todo]
-        rank = np.argmax(np.where(sub.any(axis=2), loads[todo], -np.inf), axis=1)
-        slot = np.argmax(np.where(sub[n, rank], share[todo, rank], -np.inf), axis=1)
+        rank = np.argmax(np.where(per_rank[todo] > 0, loads[todo], -np.inf), axis=1)
+        slot = np.argmax(np.where(over[todo, rank], share[todo, rank], -np.inf), axis=1)
         expert = phy[todo, rank, slot]
         phy[todo, rank, slot] = -1
         over[todo, rank, slot] = False
+        per_rank[todo, rank] -= 1
         loads[todo, rank] -= share[todo, rank, slot]
         share[todo, rank, slot] = 0.0
         surplus[todo, expert] -= 1
@@ -151,7 +151,9 @@ def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
         settled = surplus[todo, expert] == 0
         if settled.any():
             rows = todo[settled]
-            over[rows] &= phy[rows] != expert[settled][:, None, None]
+            cleared = over[rows] & (phy[rows] == expert[settled][:, None, None])
+            over[rows] &= ~cleared
+            per_rank[rows] -= cleared.sum(axis=2)
         todo = todo[left[todo] > 0]
 
 
@@ -163,6 +165,52 @@ def _sticky(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
     _drop_surplus(phy, weight, counts)
     _add_replicas(phy, weight, counts, total)
     return fill_free_slots(phy, weight, counts)
+
+
+def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | None:
+    """Like `_sticky` when replicas must go (more survivors and orphans than slots), but the
+    replicas dropped are chosen by rank load, not by count: each drop frees, on the hottest
+    rank holding a replica with a sibling, the one leaving the lowest peak among that rank
+    and the siblings that take over its share. None when nothing must be dropped."""
+    num_experts = weight.shape[1]
+    counts = count_replicas(phy, num_experts)
+    need = np.maximum(counts, 1).sum(axis=1) - total
+    if need.max(initial=0) <= 0:
+        return None
+    phy = phy.copy()
+    loads = slot_weights(phy, weight, counts).sum(axis=2)
+    held = holdings(phy, num_experts).transpose(0, 2, 1).copy()  # [B, E, R]
+    todo = np.flatnonzero(need > 0)
+    while todo.size:
+        n = np.arange(todo.size)
+        sub = phy[todo]
+        safe = np.maximum(sub, 0)
+        c_all = np.take_along_axis(counts[todo], safe.reshape(todo.size, -1), axis=1).reshape(
+            sub.shape
+        )
+        cand = (sub >= 0) & (c_all >= 2)
+        row_loads = loads[todo]
+        hot = np.argmax(np.where(cand.any(axis=2), row_loads, -np.inf), axis=1)
+        e = safe[n, hot]  # [n, S]
+        c = c_all[n, hot]
+        w = weight[todo[:, None], e]
+        share = w / np.maximum(c, 1)
+        rise = np.where(c >= 2, w / np.maximum(c - 1, 1) - share, 0.0)
+        sib = held[todo[:, None], e]  # [n, S, R]
+        sib[n, :, hot] = False
+        sib_max = np.where(sib, row_loads[:, None, :], -np.inf).max(axis=2)
+        score = np.maximum(row_loads[n, hot][:, None] - share, sib_max + rise)
+        score = np.where(cand[n, hot], score, np.inf)
+        slot = np.argmin(score, axis=1)
+        x = e[n, slot]
+        phy[todo, hot, slot] = -1
+        loads[todo] += held[todo, x] * rise[n, slot][:, None]
+        loads[todo, hot] -= rise[n, slot] + share[n, slot]
+        held[todo, x, hot] = False
+        counts[todo, x] -= 1
+        need[todo] -= 1
+        todo = todo[need[todo] > 0]
+    return fill_free_slots(phy, weight, np.maximum(counts, 1))
 
 
 def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:
@@ -201,14 +249,16 @@ def _prefer_kept(
     return counts
 
 
-# Replica-count options per layer: the greedy, and per cap a filler split as is and with
-# replicas moved to surviving ones (largest or coldest first, see `_prefer_kept`).
-OPTIONS = 1 + 2 * len(REPLICA_CAPS)
+# Replica-count options per layer: the greedy, and per cap a filler split with replicas
+# moved to surviving ones, coldest first (see `_prefer_kept`); the mildest cap also with
+# the heaviest first. (Both ways at every cap balance the same loads with hardly fewer copies
+# and take about 1.5x the time.)
+OPTIONS = 2 + len(REPLICA_CAPS)
 
 
 def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntArray, IntArray]:
-    """`_retargeted` plans for the replica-count options planned for the new size: the
-    greedy and one filler split per cap of `REPLICA_CAPS` (see `filler_counts`).
+    """`_retargeted` plans for the replica-count options planned for the new size (see
+    OPTIONS): the greedy and filler splits per cap of `REPLICA_CAPS` (see `filler_counts`).
 
     Returns the plans [N, R, S], the option index [N] and the row [N] of each; an option
     whose counts equal an earlier option's for the same row (same plan) is left out."""
@@ -219,7 +269,9 @@ def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntA
     kept = count_replicas(phy, weight.shape[1])
     for cap in REPLICA_CAPS:
         filler = filler_counts(weight, total, ranks, cap * level)
-        options += [_prefer_kept(filler, kept, weight, coldest=c) for c in (False, True)]
+        if cap == REPLICA_CAPS[0]:
+            options.append(_prefer_kept(filler, kept, weight, coldest=False))
+        options.append(_prefer_kept(filler, kept, weight, coldest=True))
     counts = np.stack(options)  # [K, B, E]
     repeat = np.zeros(counts.shape[:2], dtype=bool)
     for k in range(1, counts.shape[0]):
@@ -292,8 +344,6 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     best = _polish(_sticky(phy, weight, total), weight, origin)
     bal = layer_balancedness(best, weight)
     weak = np.flatnonzero(bal < CHOOSE_ABOVE)
-    if weak.size == 0:
-        return best
     # layers the sticky plan left close to CHOOSE_ABOVE buy the rest at a lower price
     near = weak[bal[weak] >= NEAR_ENOUGH]
     if near.size:
@@ -302,27 +352,28 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
         best[near[reached]] = done[reached]
         bal[near[reached]] = CHOOSE_ABOVE
         weak = np.flatnonzero(bal < CHOOSE_ABOVE)
-        if weak.size == 0:
-            return best
+    _merge_hot_first(best, bal, phy, weight, origin)
+    if weak.size == 0:
+        return best
     w_weak, o_weak = weight[weak], origin[weak]
     plans, kind, row = _retarget_options(phy[weak], w_weak)
     kinds = OPTIONS
-    # screening by successive halving: every option a few steps, the best SCREEN_KEEP of
-    # each layer as many again, then the best of those
+    # screening by successive halving: every option SCREEN_FIRST steps, then per stage of
+    # SCREEN_STAGES only the best of each layer go on; the best of the last is refined
     screened = _polish(plans, w_weak[row], o_weak[row], steps=SCREEN_FIRST, stop_at=CHOOSE_ABOVE)
     bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kind, row, kinds)
-    order = _preference(bal_k, copies_k)[:SCREEN_KEEP]  # [keep, B]
-    present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
-    kept_kind, kept_row = order[present], np.nonzero(present)[1]
-    again = screened[where[kept_kind, kept_row]]
-    screened = _polish(
-        again,
-        w_weak[kept_row],
-        o_weak[kept_row],
-        steps=SCREEN_STEPS - SCREEN_FIRST,
-        stop_at=CHOOSE_ABOVE,
-    )
-    bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kept_kind, kept_row, kinds)
+    for keep, steps in SCREEN_STAGES:
+        order = _preference(bal_k, copies_k)[:keep]  # [keep, B]
+        present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
+        s_kind, s_row = order[present], np.nonzero(present)[1]
+        screened = _polish(
+            screened[where[s_kind, s_row]],
+            w_weak[s_row],
+            o_weak[s_row],
+            steps=steps,
+            stop_at=CHOOSE_ABOVE,
+        )
+        bal_k, copies_k, where = _scores(screened, w_weak, o_weak, s_kind, s_row, kinds)
     choice = _pick(bal_k, copies_k)
     other = _polish(screened[where[choice, np.arange(weak.size)]], w_weak, o_weak)
     bal2 = np.stack([bal[weak], layer_balancedness(other, w_weak)])
@@ -335,6 +386,22 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
         best[short] = _finish(best[short], weight[short], origin[short])
         _rescue(best, weight, origin, weak, plans, kind, row, kinds)
     return best
+
+
+def _merge_hot_first(
+    best: IntArray, bal: FloatArray, phy: IntArray, weight: FloatArray, origin: IntArray
+) -> None:
+    """Per layer, keep (in place) the `_sticky_hot` plan, refined, where `_pick` prefers it
+    to `best` (balancedness `bal`, updated too)."""
+    hot_first = _sticky_hot(phy, weight, phy.shape[1] * phy.shape[2])
+    if hot_first is None:
+        return
+    alt = _polish(hot_first, weight, origin)
+    bal_alt = layer_balancedness(alt, weight)
+    copies = np.stack([(best != origin).sum(axis=(1, 2)), (alt != origin).sum(axis=(1, 2))])
+    take = _pick(np.stack([bal, bal_alt]), copies) == 1
+    best[take] = alt[take]
+    bal[take] = bal_alt[take]
 
 
 def _rescue(

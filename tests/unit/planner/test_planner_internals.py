@@ -12,7 +12,7 @@ from eep_controller.planner.packing import count_replicas, holdings, separate_du
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import filler_counts
-from eep_controller.planner.search import _prefer_kept
+from eep_controller.planner.search import _prefer_kept, _sticky_hot
 
 
 def _distinct_per_rank(phy: np.ndarray) -> bool:
@@ -176,3 +176,52 @@ def test_prefer_kept_moves_an_orphans_second_replica_to_a_surviving_duplicate() 
     counts = np.array([[2, 1, 2, 1]])  # a plan that writes the orphan twice
     out = _prefer_kept(counts, kept, weight, coldest=True)
     assert out.tolist() == [[1, 1, 2, 2]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    experts=st.integers(4, 40),
+    ranks=st.integers(2, 8),
+    removed=st.integers(1, 4),
+    skew=st.sampled_from([0.0, 0.5, 1.2, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_sticky_hot_frees_only_duplicates_and_places_every_orphan(
+    experts: int, ranks: int, removed: int, skew: float, seed: int
+) -> None:
+    slots = max(1, -(-experts // ranks)) + 1
+    load = zipf_load(3, experts, skew, seed)
+    survivors = plan_placement(load, ranks + removed, slots).by_rank()[:, :ranks]
+    kept = count_replicas(survivors, experts)
+    total = ranks * slots
+    need = np.maximum(kept, 1).sum(axis=1) - total
+    out = _sticky_hot(survivors, load, total)
+    if need.max() <= 0:
+        assert out is None
+        return
+    assert out is not None
+    assert np.array_equal(out, _sticky_hot(survivors, load, total))  # deterministic
+    # a valid full placement: every expert placed, none twice on a rank
+    counts = count_replicas(out, experts)
+    assert counts.min() >= 1 and counts.max() <= ranks
+    assert not np.any(np.sort(out, axis=2)[..., 1:] == np.sort(out, axis=2)[..., :-1])
+    # per layer exactly max(need, 0) slots are rewritten (as many as there are orphans
+    # when surviving replicas must go), and only replicas that had a sibling were dropped
+    changed = out != survivors
+    assert np.array_equal(changed.sum(axis=(1, 2)), np.where(need > 0, (kept == 0).sum(axis=1), 0))
+    for layer in range(3):
+        dropped = survivors[layer][changed[layer]]
+        if need[layer] > 0:
+            assert np.all(kept[layer, dropped] >= 2)
+
+
+def test_sticky_hot_unloads_the_hottest_rank_first() -> None:
+    # two ranks of 2 slots; expert 0 (heavy) is on both, expert 1 on rank 0 with it,
+    # expert 2 on rank 1; expert 3 lost its only replica and must come back
+    survivors = np.array([[[0, 1], [0, 2]]])
+    weight = np.array([[10.0, 1.0, 2.0, 1.5]])
+    out = _sticky_hot(survivors, weight, 4)
+    assert out is not None
+    # rank 1 (5 + 2) is hotter than rank 0 (5 + 1); its only replica with a sibling is
+    # expert 0's, which makes way for the orphan
+    assert out.tolist() == [[[0, 1], [3, 2]]]
