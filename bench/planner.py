@@ -28,7 +28,7 @@ from eep_controller.planner import (
     plan_rescale,
     schedule_transfers,
 )
-from eep_controller.planner.workers import configure_workers, wait_for_workers, worker_pids
+from eep_controller.planner.workers import planning_alone, wait_for_workers, worker_pids
 
 LAYERS, EXPERTS = 58, 256
 EXPERT_BYTES = 44.05e6
@@ -79,10 +79,8 @@ def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict
     current = plan_placement(load, old, slots)
     t_eep, plan = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
     # the same plan computed in this process alone, for comparison
-    configure_workers(0)
-    t_one, alone = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
-    configure_workers(None)
-    wait_for_workers()
+    with planning_alone():
+        t_one, alone = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
     if not np.array_equal(alone.placement.phy2log, plan.placement.phy2log):
         raise AssertionError(f"{name}: the plan differs with and without planner workers")
     sched = schedule_transfers(plan, EXPERT_BYTES, link_bandwidth=LINK_BANDWIDTH)

@@ -16,7 +16,8 @@ def greedy_counts(
     the largest load per replica that may still grow; ties go to the lowest expert id. The rows
     of `base` must not exceed `total_slots` and `total_slots <= E * max_count`.
     """
-    counts = np.ones_like(weight, dtype=np.int64) if base is None else base.astype(np.int64)
+    start = _sure_counts(weight, total_slots, max_count) if base is None else base
+    counts = start.astype(np.int64)
     remaining = total_slots - counts.sum(axis=1)
     rows = np.arange(counts.shape[0])
     for _ in range(int(remaining.max(initial=0))):
@@ -30,6 +31,28 @@ def greedy_counts(
         counts[idx, pick] += 1
         remaining[idx] -= 1
     return counts
+
+
+def _sure_counts(weight: FloatArray, total_slots: int, max_count: int) -> IntArray:
+    """Replicas the greedy surely hands out, so it need not loop over them one by one.
+
+    The greedy's last accepted priority (load per replica) p* is at most W / (T - E) (load
+    W, T slots, E experts): every expert ends with c - 1 <= w / p* replicas beyond its first.
+    Each of an expert's first floor(w / (W / (T - E))) replicas has a priority above p*, so the
+    greedy gives them all; starting from them it picks the rest in the same order."""
+    num_experts = weight.shape[1]
+    spare = total_slots - num_experts
+    ones = np.ones_like(weight, dtype=np.int64)
+    if spare <= 0:
+        return ones
+    bound = weight.sum(axis=1, keepdims=True) / spare
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sure = np.where(bound > 0, np.floor(weight / np.where(bound > 0, bound, 1.0)), 1.0)
+    # strictly above p*: drop the last replica when w / floor is exactly the bound
+    counts = np.clip(sure, 1, max_count).astype(np.int64)
+    exact = (counts > 1) & (weight / np.maximum(counts - 1, 1) <= bound)
+    counts = np.where(exact, counts - 1, counts)
+    return np.maximum(counts, ones)
 
 
 def filler_counts(

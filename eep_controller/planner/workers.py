@@ -17,6 +17,7 @@ cores this process may use (at most MAX_AUTO_WORKERS); 0 switches them off.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import select
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -146,6 +147,7 @@ class _Pool:
         self._workers: list[_Worker] = []
         self._failed = False
         self.layers_served = 0
+        self.paused = 0
 
     def wanted(self) -> int:
         if self._configured is not None:
@@ -178,7 +180,7 @@ class _Pool:
     def borrow(self) -> list[_Worker] | None:
         """The ready workers for the caller's sole use (give back with `give_back`), or
         None: none wanted, not ready yet (they are started), or in use by another thread."""
-        if not self._busy.acquire(blocking=False):
+        if self.paused or not self._busy.acquire(blocking=False):
             return None
         try:
             with self._lock:
@@ -252,6 +254,19 @@ def shutdown_workers() -> None:
 def worker_pids() -> list[int]:
     """Pids of the running worker processes."""
     return _POOL.pids()
+
+
+@contextlib.contextmanager
+def planning_alone() -> Iterator[None]:
+    """Within this block the calling process plans every layer itself; running workers stay
+    up (for timing a plan without them, e.g. in benchmarks)."""
+    with _POOL._lock:
+        _POOL.paused += 1
+    try:
+        yield
+    finally:
+        with _POOL._lock:
+            _POOL.paused -= 1
 
 
 def layers_served() -> int:

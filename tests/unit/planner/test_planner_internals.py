@@ -11,7 +11,7 @@ from eep_controller.planner import balancedness, choose_removed_ranks, plan_plac
 from eep_controller.planner.packing import count_replicas, holdings, separate_duplicates
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
-from eep_controller.planner.replication import filler_counts
+from eep_controller.planner.replication import filler_counts, greedy_counts
 from eep_controller.planner.search import _prefer_kept, _sticky_hot
 
 
@@ -225,3 +225,41 @@ def test_sticky_hot_unloads_the_hottest_rank_first() -> None:
     # rank 1 (5 + 2) is hotter than rank 0 (5 + 1); its only replica with a sibling is
     # expert 0's, which makes way for the orphan
     assert out.tolist() == [[[0, 1], [3, 2]]]
+
+
+def _greedy_reference(weight: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """The apportionment greedy, one replica at a time, written as plainly as possible."""
+    out = np.ones_like(weight, dtype=np.int64)
+    for b in range(weight.shape[0]):
+        for _ in range(total - weight.shape[1]):
+            priority = [
+                weight[b, e] / out[b, e] if out[b, e] < cap else -1.0
+                for e in range(weight.shape[1])
+            ]
+            out[b, int(np.argmax(priority))] += 1
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    experts=st.integers(1, 30),
+    cap=st.integers(1, 12),
+    extra=st.integers(0, 60),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["zipf", "ties", "zeros", "spike"]),
+)
+def test_greedy_counts_equals_the_one_at_a_time_greedy(
+    experts: int, cap: int, extra: int, seed: int, kind: str
+) -> None:
+    rng = np.random.default_rng(seed)
+    total = min(experts + extra, experts * cap)
+    if kind == "zipf":
+        weight = zipf_load(2, experts, 1.3, seed)
+    elif kind == "ties":
+        weight = rng.integers(0, 4, (2, experts)).astype(np.float64) * 6.0
+    elif kind == "zeros":
+        weight = np.zeros((2, experts))
+    else:
+        weight = np.full((2, experts), 1.0)
+        weight[:, 0] = 1e6
+    assert np.array_equal(greedy_counts(weight, total, cap), _greedy_reference(weight, total, cap))

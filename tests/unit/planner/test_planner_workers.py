@@ -24,6 +24,7 @@ from eep_controller.planner.workers import (
     by_layers,
     configure_workers,
     layers_served,
+    planning_alone,
     read_frame,
     send_frame,
     shutdown_workers,
@@ -76,6 +77,18 @@ def test_same_plan_with_and_without_workers(one_worker: None) -> None:
     for a, b in zip(with_workers, alone, strict=True):
         _plans_equal(a, b)
         assert_valid_plan(current, a, load)
+
+
+def test_planning_alone_keeps_the_workers_up_but_unused(one_worker: None) -> None:
+    current, load = _case()
+    pids = worker_pids()
+    served = layers_served()
+    with planning_alone():
+        alone = plan_rescale(current, load, 16)
+    assert layers_served() == served
+    assert worker_pids() == pids
+    _plans_equal(plan_rescale(current, load, 16), alone)
+    assert layers_served() == served + LAYERS // 2
 
 
 def test_a_killed_worker_is_replaced_and_the_plan_is_unchanged(one_worker: None) -> None:
