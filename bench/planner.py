@@ -5,7 +5,9 @@
     python -m bench.planner --quick   # fewer loads and repeats (< 60 s)
 
 Shapes: 58 layers x 256 experts, 44 MB per expert (DeepSeek-V3 FP8). Loads are planned and
-scored on the same expected load. plan_rescale is timed with the planner's worker processes
+scored on the same expected load: Zipf and lognormal as the planner issue names them, plus a
+layer mix ("mix 1.3": skew rising from near uniform in the first layers to Zipf 1.5 in the
+last), where, unlike the others, every layer has its own distribution. plan_rescale is timed with the planner's worker processes
 (one per spare core) and in this process alone; the plans are identical.
 """
 
@@ -45,10 +47,18 @@ RESCALES = [
 
 
 def make_load(kind: str, param: float, seed: int = 0) -> npt.NDArray[np.float64]:
+    """Expected load [layers, experts]: "zipf" (exponent `param`, a random expert order per
+    layer), "lognormal" (sigma `param`), or "mix": every layer its own skew, from near
+    uniform in the first layers to Zipf(0.2 + `param`) in the last, with lognormal(0.3)
+    noise per expert, so layers differ the way real models' layers do."""
     rng = np.random.default_rng(seed)
+    ranks = np.arange(1, EXPERTS + 1)
     if kind == "zipf":
-        base = 1.0 / np.arange(1, EXPERTS + 1) ** param
-        return np.stack([rng.permutation(base) for _ in range(LAYERS)]) * 1e4
+        return np.stack([rng.permutation(1.0 / ranks**param) for _ in range(LAYERS)]) * 1e4
+    if kind == "mix":
+        skew = 0.2 + param * np.arange(LAYERS) / (LAYERS - 1) + rng.normal(0, 0.1, LAYERS)
+        rows = [rng.permutation(1.0 / ranks ** max(s, 0.0)) for s in skew]
+        return np.stack(rows) * rng.lognormal(0.0, 0.3, (LAYERS, EXPERTS)) * 1e4
     return rng.lognormal(0.0, param, (LAYERS, EXPERTS))
 
 
@@ -63,6 +73,10 @@ def p50_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def bench_placement(load: npt.NDArray[np.float64], ranks: int, slots: int, reps: int) -> dict:
     t_eep, placed = p50_ms(lambda: plan_placement(load, ranks, slots), reps)
+    with planning_alone():
+        t_one, alone = p50_ms(lambda: plan_placement(load, ranks, slots), reps)
+    if not np.array_equal(alone.phy2log, placed.phy2log):
+        raise AssertionError("the placement differs with and without planner workers")
     t_base, base = p50_ms(lambda: baseline.plan(load, ranks, slots), max(1, reps // 2))
     return {
         "ranks": ranks,
@@ -70,6 +84,7 @@ def bench_placement(load: npt.NDArray[np.float64], ranks: int, slots: int, reps:
         "bal_eep": balancedness(placed, load),
         "bal_base": baseline.balancedness(base, load),
         "ms_eep": t_eep,
+        "ms_eep_one_process": t_one,
         "ms_base": t_base,
     }
 
@@ -120,7 +135,7 @@ def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict
 def run(quick: bool) -> dict:
     loads = [("zipf", 1.0), ("zipf", 1.5)] if quick else [
         ("zipf", 0.5), ("zipf", 1.0), ("zipf", 1.2), ("zipf", 1.5),
-        ("lognormal", 0.5), ("lognormal", 1.0),
+        ("lognormal", 0.5), ("lognormal", 1.0), ("mix", 1.3),
     ]  # fmt: skip
     reps = 3 if quick else 7
     wait_for_workers()
@@ -137,10 +152,16 @@ def run(quick: bool) -> dict:
     return out
 
 
+# The loads the planner issue sets its targets on; other loads are reported, not checked.
+TARGET_LOADS = ("zipf 0.5", "zipf 1.0", "zipf 1.2", "zipf 1.5", "lognormal 0.5", "lognormal 1.0")
+
+
 def check_targets(result: dict) -> dict:
     """The planner issue's targets, each checked against this run: which hold, which not."""
     checks: list[tuple[str, bool]] = []
     for r in result["placement"]:
+        if r["load"] not in TARGET_LOADS:
+            continue
         cell = f"placement {r['load']} {r['ranks']}x{r['slots']}"
         checks.append((f"{cell}: balancedness >= baseline", r["bal_eep"] >= r["bal_base"]))
         checks.append((f"{cell}: plan_placement <= 20 ms", r["ms_eep"] <= 20.0))
@@ -148,6 +169,8 @@ def check_targets(result: dict) -> dict:
             floor = 0.998 if r["load"] == "zipf 1.2" else 0.99
             checks.append((f"{cell}: balancedness >= {floor}", r["bal_eep"] >= floor))
     for r in result["rescale"]:
+        if r["load"] not in TARGET_LOADS:
+            continue
         cell = f"rescale {r['load']} {r['scenario']}"
         limit = 2.0 if "fail" in r["scenario"] else 1.3
         checks.append((f"{cell}: balancedness >= 0.99", r["bal_eep"] >= 0.99))
@@ -167,13 +190,14 @@ def render(result: dict) -> None:
 
     console = Console(width=max(Console().width, 172))
     t = Table(title="Placement (58 x 256): balancedness and p50 planner time")
-    for col in ("load", "R x S", "bal eep", "bal base", "eep/base", "ms eep", "ms base"):
+    for col in ("load", "R x S", "bal eep", "bal base", "eep/base", "ms eep", "ms 1 proc",
+                "ms base"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in result["placement"]:
         t.add_row(
             r["load"], f"{r['ranks']}x{r['slots']}", f"{r['bal_eep']:.4f}",
             f"{r['bal_base']:.4f}", f"{r['bal_eep'] / r['bal_base']:.3f}",
-            f"{r['ms_eep']:.1f}", f"{r['ms_base']:.1f}",
+            f"{r['ms_eep']:.1f}", f"{r['ms_eep_one_process']:.1f}", f"{r['ms_base']:.1f}",
         )  # fmt: skip
     console.print(t)
     t = Table(title="Rescale (44 MB/expert): copies vs the lower bound, balance, transfer time")
@@ -193,8 +217,9 @@ def render(result: dict) -> None:
         )  # fmt: skip
     console.print(t)
     console.print(
-        f"plan_rescale ran with {result['planner_workers']} planner worker process(es) besides "
-        "this one ('ms 1 proc': this process alone; the plans are identical)"
+        f"Planning ran with {result['planner_workers']} planner worker process(es) besides this "
+        "one ('ms 1 proc': this process alone; the plans are identical). Targets are checked on "
+        "the issue's loads; 'mix 1.3' is reported only."
     )
     targets = result["targets"]
     console.print(f"Targets met: {targets['met']} of {targets['checked']}")

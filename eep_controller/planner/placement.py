@@ -16,6 +16,7 @@ from eep_controller.planner.validation import (
     checked_load,
     checked_positive,
 )
+from eep_controller.planner.workers import by_layers
 
 # Layers whose first plan balances below this get the replica-count search.
 SEARCH_BELOW = 0.99
@@ -269,5 +270,5 @@ def plan_placement(
         assert num_groups is not None
         phy = plan_hierarchical(weight, ranks, slots, nodes, num_groups)
     else:
-        phy = plan_batch(weight, ranks, slots)
+        phy = by_layers(plan_batch, weight, extra=(ranks, slots))
     return Placement(phy.reshape(weight.shape[0], -1), slots, num_experts=weight.shape[1])

@@ -294,20 +294,22 @@ def closest_sums(u: FloatArray, v: FloatArray) -> tuple[IntArray, IntArray, Floa
     """For each row of u, v [..., S]: the (i, j) minimising |u[i] + v[j]| and that minimum.
 
     Sorts instead of forming all S x S sums: for each i the best j is a neighbour of where
-    -u[i] falls among the sorted v (one `searchsorted` over all rows, each row shifted into
-    its own range). Entries may be +inf (never chosen unless all are)."""
+    -u[i] falls among the sorted v. That place is found by sorting each row's v and -u
+    together (a v equal to -u[i] sorts after it) and counting the v before each -u[i], so
+    each row's answer depends on that row alone. Entries may be +inf (never chosen unless
+    all are)."""
     slots = u.shape[-1]
     order_v = np.argsort(v, axis=-1, kind="stable")
     v_sorted = np.take_along_axis(v, order_v, axis=-1)
-    finite = np.concatenate([u[np.isfinite(u)], v[np.isfinite(v)]])
-    span = 4.0 * (float(np.abs(finite).max(initial=0.0)) + 1.0)
-    shift = (np.arange(v_sorted.size // slots, dtype=np.float64) * 2.0 * span).reshape(
-        (*v_sorted.shape[:-1], 1)
-    )
-    keys = (np.clip(v_sorted, -span / 2, span / 2) + shift).ravel()
-    queries = np.clip(-u, -span / 2, span / 2) + shift
-    start = (np.arange(v_sorted.size // slots) * slots).reshape(shift.shape)
-    below = np.searchsorted(keys, queries.ravel()).reshape(u.shape) - start
+    both = np.concatenate([v_sorted, -u], axis=-1)
+    is_v = np.zeros(both.shape, dtype=bool)
+    is_v[..., :slots] = True
+    # by value; on equal values the queries (-u) first, so "v before" counts v < -u[i]
+    merged = np.lexsort((is_v, both), axis=-1)
+    v_before = np.cumsum(np.take_along_axis(is_v, merged, axis=-1), axis=-1)
+    place = np.empty_like(merged)  # where each element of `both` sits in the merged order
+    np.put_along_axis(place, merged, np.arange(2 * slots), axis=-1)
+    below = np.take_along_axis(v_before, place[..., slots:], axis=-1)
     lo = np.clip(below - 1, 0, slots - 1)
     hi = np.clip(below, 0, slots - 1)
     d_lo = np.abs(u + np.take_along_axis(v_sorted, lo, axis=-1))

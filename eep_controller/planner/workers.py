@@ -280,9 +280,12 @@ def wait_for_workers(timeout: float = 60.0) -> bool:
     return _POOL.wait(timeout)
 
 
-def by_layers(fn: Callable[..., Out], *arrays: npt.NDArray[Any]) -> Out:
-    """``fn(*arrays)`` for a `fn` that treats every layer (index of the first axis) on its
-    own, with the layers dealt round-robin to this process and the ready workers.
+def by_layers(
+    fn: Callable[..., Out], *arrays: npt.NDArray[Any], extra: tuple[Any, ...] = ()
+) -> Out:
+    """``fn(*arrays, *extra)`` for a `fn` that treats every layer (index of the first axis of
+    each of `arrays`) on its own, with the layers dealt round-robin to this process and the
+    ready workers; `extra` goes to every call as it is.
 
     `fn` must be a module-level function (the worker imports it by name). Identical to the
     direct call; falls back to it while no worker is ready and when one fails.
@@ -290,18 +293,18 @@ def by_layers(fn: Callable[..., Out], *arrays: npt.NDArray[Any]) -> Out:
     layers = arrays[0].shape[0]
     workers = _POOL.borrow() if layers >= MIN_LAYERS else None
     if workers is None:
-        return fn(*arrays)
+        return fn(*arrays, *extra)
     try:
         parts = min(len(workers) + 1, layers)
         picks = [np.arange(k, layers, parts) for k in range(parts)]
         sent: list[tuple[int, _Worker]] = []
         for k, worker in enumerate(workers[: parts - 1], start=1):
             try:
-                worker.send(fn, tuple(a[picks[k]] for a in arrays))
+                worker.send(fn, (*(a[picks[k]] for a in arrays), *extra))
                 sent.append((k, worker))
             except OSError:
                 worker.dead = True
-        mine = fn(*(a[picks[0]] for a in arrays))
+        mine = fn(*(a[picks[0]] for a in arrays), *extra)
         out: Out = np.empty((layers, *mine.shape[1:]), dtype=mine.dtype)  # type: ignore[assignment]
         out[picks[0]] = mine
         done = {0}
@@ -315,7 +318,7 @@ def by_layers(fn: Callable[..., Out], *arrays: npt.NDArray[Any]) -> Out:
                 pass
         for k, pick in enumerate(picks):
             if k not in done:
-                out[pick] = fn(*(a[pick] for a in arrays))
+                out[pick] = fn(*(a[pick] for a in arrays), *extra)
         return out
     finally:
         _POOL.give_back()

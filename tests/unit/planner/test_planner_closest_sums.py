@@ -41,3 +41,24 @@ def test_ties_and_single_slot() -> None:
     assert best[0, 0] == 0.0
     _, _, one = closest_sums(np.array([[[2.0]]]), np.array([[[np.inf]]]))
     assert np.isinf(one[0, 0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    slots=st.integers(1, 40),
+    rows=st.integers(2, 6),
+    spread=st.sampled_from([1.0, 1e6]),
+)
+def test_each_row_answers_alone(seed: int, rows: int, slots: int, spread: float) -> None:
+    """A row's answer does not depend on the other rows of the batch (so layers planned in
+    different processes give the same plan), even with values a million times apart."""
+    rng = np.random.default_rng(seed)
+    scale = spread ** rng.random((rows, 1))
+    u = np.round(rng.normal(size=(rows, slots)) * 4) * scale  # rounding makes ties
+    v = np.round(rng.normal(size=(rows, slots)) * 4) * scale
+    together = closest_sums(u, v)
+    for r in range(rows):
+        alone = closest_sums(u[r : r + 1], v[r : r + 1])
+        for a, b in zip(together, alone, strict=True):
+            assert a[r] == b[0]

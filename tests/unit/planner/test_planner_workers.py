@@ -79,6 +79,17 @@ def test_same_plan_with_and_without_workers(one_worker: None) -> None:
         assert_valid_plan(current, a, load)
 
 
+def test_same_placement_with_and_without_workers(one_worker: None) -> None:
+    load = zipf_load(LAYERS, 64, 1.3, seed=5)
+    for ranks, slots in ((12, 7), (4, 20)):  # 20 slots: pair swaps use the sorted search
+        served = layers_served()
+        shared = plan_placement(load, ranks, slots)
+        assert layers_served() == served + LAYERS // 2
+        with planning_alone():
+            alone = plan_placement(load, ranks, slots)
+        assert np.array_equal(shared.phy2log, alone.phy2log)
+
+
 def test_planning_alone_keeps_the_workers_up_but_unused(one_worker: None) -> None:
     current, load = _case()
     pids = worker_pids()
@@ -161,11 +172,13 @@ def test_the_worker_runs_only_planner_functions() -> None:
 def test_worker_count_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="workers must be >= 0"):
         configure_workers(-1)
+    current, load = _case()
     monkeypatch.setenv(WORKERS_ENV, "many")
     configure_workers(None)
-    current, load = _case()
     with pytest.raises(ValueError, match=WORKERS_ENV):
         plan_rescale(current, load, 16)
+    with pytest.raises(ValueError, match=WORKERS_ENV):
+        plan_placement(load, 12, 7)
     monkeypatch.setenv(WORKERS_ENV, "0")
     plan_rescale(current, load, 16)
     assert worker_pids() == []
