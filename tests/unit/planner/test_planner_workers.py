@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,17 @@ def test_same_placement_with_and_without_workers(one_worker: None) -> None:
         with planning_alone():
             alone = plan_placement(load, ranks, slots)
         assert np.array_equal(shared.phy2log, alone.phy2log)
+
+
+def test_concurrent_plans_share_the_workers_safely(one_worker: None) -> None:
+    current, load = _case()
+    expected = {n: plan_rescale(current, load, n) for n in (10, 12, 14, 16)}
+    with ThreadPoolExecutor(4) as pool:
+        plans = list(pool.map(lambda n: plan_rescale(current, load, n), expected))
+    got = dict(zip(expected, plans, strict=True))
+    for n, plan in got.items():
+        _plans_equal(plan, expected[n])
+    assert len(worker_pids()) == 1
 
 
 def test_planning_alone_keeps_the_workers_up_but_unused(one_worker: None) -> None:
