@@ -38,6 +38,8 @@ MAX_AUTO_WORKERS = 3
 MIN_LAYERS = 8
 # How long a stopping worker gets to exit on its own before it is killed.
 STOP_GRACE_S = 2.0
+# How long a worker may take to start answering (its share takes well under a second).
+ANSWER_TIMEOUT_S = 30.0
 
 Out = TypeVar("Out", bound=npt.NDArray[Any])
 
@@ -107,10 +109,15 @@ class _Worker:
         assert self.proc.stdin is not None
         send_frame(self.proc.stdin, (fn.__module__, fn.__qualname__, args))
 
-    def receive(self) -> Any:
+    def receive(self, timeout: float) -> Any:
         """The result of the last `send`; raises what the call raised there, or
-        ConnectionError when the worker is gone."""
+        ConnectionError when the worker is gone or has not begun to answer within `timeout`
+        seconds (then it is stopped: a stuck worker must not hold up a plan)."""
         assert self.proc.stdout is not None
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not readable:
+            self.stop()
+            raise ConnectionError(f"planner worker {self.proc.pid} did not answer in {timeout} s")
         try:
             status, value = read_frame(self.proc.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
@@ -310,7 +317,7 @@ def by_layers(
         done = {0}
         for k, worker in sent:
             try:
-                out[picks[k]] = worker.receive()
+                out[picks[k]] = worker.receive(ANSWER_TIMEOUT_S)
                 done.add(k)
                 _POOL.layers_served += picks[k].size
             except (ConnectionError, RuntimeError):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from planner_checks import assert_valid_plan, zipf_load
 
-from eep_controller.planner import plan_placement, plan_rescale
+from eep_controller.planner import plan_placement, plan_rescale, workers
 from eep_controller.planner.search import best_candidate
 from eep_controller.planner.workers import (
     WORKERS_ENV,
@@ -127,6 +127,24 @@ def test_a_killed_worker_is_replaced_and_the_plan_is_unchanged(one_worker: None)
     assert fresh != pid
     _plans_equal(plan_rescale(current, load, 16), expected)
     assert layers_served() == served + LAYERS // 2
+
+
+def test_a_stuck_worker_is_stopped_and_the_plan_is_unchanged(
+    one_worker: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    current, load = _case()
+    expected = plan_rescale(current, load, 16)
+    (pid,) = worker_pids()
+    monkeypatch.setattr(workers, "ANSWER_TIMEOUT_S", 0.5)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        _plans_equal(plan_rescale(current, load, 16), expected)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert _gone(pid)  # stopped (killed by pid) and reaped
+    assert wait_for_workers(timeout=60)
+    assert worker_pids() != [pid]
 
 
 def test_an_error_in_the_worker_is_raised_in_the_caller(one_worker: None) -> None:
