@@ -33,11 +33,14 @@ import numpy as np
 import numpy.typing as npt
 
 WORKERS_ENV = "EEP_PLANNER_WORKERS"
+WORKER_MODULE = "eep_controller.planner.worker"
 MAX_AUTO_WORKERS = 3
 # Fewer layers than this are planned in the calling process: the round trip would cost more.
 MIN_LAYERS = 8
 # How long a stopping worker gets to exit on its own before it is killed.
 STOP_GRACE_S = 2.0
+# Workers that die before reporting ready this many times in a row are not started again.
+MAX_FAILED_STARTS = 3
 # How long a worker may take to start answering (its share takes well under a second).
 ANSWER_TIMEOUT_S = 30.0
 
@@ -81,7 +84,7 @@ class _Worker:
             p for p in (package_root, env.get("PYTHONPATH", "")) if p
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eep_controller.planner.worker"],
+            [sys.executable, "-m", WORKER_MODULE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -153,6 +156,7 @@ class _Pool:
         self._configured: int | None = None
         self._workers: list[_Worker] = []
         self._failed = False
+        self._failed_starts = 0
         self.layers_served = 0
         self.paused = 0
 
@@ -174,6 +178,7 @@ class _Pool:
         with self._lock:
             self._configured = workers
             self._failed = False
+            self._failed_starts = 0
 
     def _start(self) -> None:
         """Start the wanted workers unless running or failed (lock held)."""
@@ -208,8 +213,15 @@ class _Pool:
         self._busy.release()
 
     def _drop_dead(self) -> None:
-        """Stop every worker when one died (lock held); the next call starts fresh ones."""
+        """Stop every worker when one died (lock held); the next call starts fresh ones,
+        unless workers keep dying before they report ready (then none start again until
+        `configure`)."""
         if any(w.dead for w in self._workers):
+            if any(w.dead and not w.ready for w in self._workers):
+                self._failed_starts += 1
+                self._failed = self._failed_starts >= MAX_FAILED_STARTS
+            else:
+                self._failed_starts = 0
             for w in self._workers:
                 w.stop()
             self._workers = []

@@ -147,6 +147,24 @@ def test_a_stuck_worker_is_stopped_and_the_plan_is_unchanged(
     assert worker_pids() != [pid]
 
 
+def test_workers_that_cannot_start_are_given_up_after_a_few_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(workers, "WORKER_MODULE", "eep_controller.planner.no_such_module")
+    configure_workers(1)
+    try:
+        current, load = _case()
+        expected = plan_rescale(current, load, 16)  # planned here while the worker fails
+        for _ in range(workers.MAX_FAILED_STARTS):
+            assert not wait_for_workers(timeout=30)
+        served = layers_served()
+        _plans_equal(plan_rescale(current, load, 16), expected)
+        assert worker_pids() == []  # no new worker was started for this plan
+        assert layers_served() == served
+    finally:
+        configure_workers(None)
+
+
 def test_an_error_in_the_worker_is_raised_in_the_caller(one_worker: None) -> None:
     phy = np.zeros((LAYERS, 4, 2), dtype=np.int64)
     weight = np.ones((LAYERS, 3))  # expert ids in phy fit, but origin has the wrong rank
