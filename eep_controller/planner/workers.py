@@ -1,8 +1,8 @@
-"""Planning the layers of a rescale on several cores at once.
+"""Planning layers on several cores at once.
 
-Every layer of a rescale is planned on its own, so the layers can be split across processes
-with the very same result. One share stays in the calling process; the others go to worker
-processes (``python -m eep_controller.planner.worker``, fresh interpreters that inherit
+Every layer of a placement or a rescale is planned on its own, so the layers can be split
+across processes with the very same result. One share stays in the calling process; the
+others go to worker processes (``python -m eep_controller.planner.worker``, fresh interpreters that inherit
 nothing of the caller's threads or sockets and never import the caller's main module), over
 their stdin and stdout. Workers start in the background on first use and take work once they
 report ready; until then, on a one-core machine, with workers switched off, while another
@@ -313,6 +313,7 @@ def by_layers(
     workers = _POOL.borrow() if layers >= MIN_LAYERS else None
     if workers is None:
         return fn(*arrays, *extra)
+    pending: list[_Worker] = []  # asked, answer not read yet
     try:
         parts = min(len(workers) + 1, layers)
         picks = [np.arange(k, layers, parts) for k in range(parts)]
@@ -321,6 +322,7 @@ def by_layers(
             try:
                 worker.send(fn, (*(a[picks[k]] for a in arrays), *extra))
                 sent.append((k, worker))
+                pending.append(worker)
             except OSError:
                 worker.dead = True
         mine = fn(*(a[picks[0]] for a in arrays), *extra)
@@ -335,9 +337,14 @@ def by_layers(
             except (ConnectionError, RuntimeError):
                 # gone, or fn failed there: plan these layers here (a real error re-raises)
                 pass
+            pending.remove(worker)
         for k, pick in enumerate(picks):
             if k not in done:
                 out[pick] = fn(*(a[pick] for a in arrays), *extra)
         return out
     finally:
+        # an answer left unread would be taken for the next request's: read and drop it
+        for worker in pending:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                worker.receive(ANSWER_TIMEOUT_S)
         _POOL.give_back()

@@ -174,6 +174,25 @@ def test_an_error_in_the_worker_is_raised_in_the_caller(one_worker: None) -> Non
     assert len(worker_pids()) == 1  # the worker survives a failed call
 
 
+def test_a_failure_here_leaves_no_unread_answer_behind(one_worker: None) -> None:
+    current, load = _case()
+    expected = plan_rescale(current, load, 16)
+
+    def fails_here(*arrays: np.ndarray) -> np.ndarray:
+        raise RuntimeError("this share failed")
+
+    # the worker runs the real function by name; this process's share raises
+    fails_here.__module__ = best_candidate.__module__
+    fails_here.__qualname__ = best_candidate.__qualname__
+    phy = current.by_rank()
+    with pytest.raises(RuntimeError, match="this share failed"):
+        by_layers(fails_here, phy, load, phy)
+    # the worker's answer to that call must not be taken for the next plan's
+    _plans_equal(plan_rescale(current, load, 16), expected)
+    assert wait_for_workers(timeout=60)
+    _plans_equal(plan_rescale(current, load, 16), expected)
+
+
 def test_small_plans_stay_in_the_calling_process(one_worker: None) -> None:
     load = zipf_load(2, 16, 1.0)
     current = plan_placement(load, 4, 5)
