@@ -7,8 +7,9 @@
 Shapes: 58 layers x 256 experts, 44 MB per expert (DeepSeek-V3 FP8). Loads are planned and
 scored on the same expected load: Zipf and lognormal as the planner issue names them, plus a
 layer mix ("mix 1.3": skew rising from near uniform in the first layers to Zipf 1.5 in the
-last), where, unlike the others, every layer has its own distribution. plan_rescale is timed with the planner's worker processes
-(one per spare core) and in this process alone; the plans are identical.
+last), where, unlike the others, every layer has its own distribution. Planning is timed
+with the planner's worker processes (one per spare core) and in this process alone; the
+plans are identical.
 """
 
 from __future__ import annotations

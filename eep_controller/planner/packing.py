@@ -32,6 +32,12 @@ def holdings(phy: IntArray, num_experts: int) -> BoolArray:
     return has[:, :, :num_experts]
 
 
+def holders(phy: IntArray, num_experts: int) -> BoolArray:
+    """held[b, e, r] = has[b, r, e] of `holdings`, C-contiguous: the holders of one expert
+    are one contiguous row."""
+    return np.ascontiguousarray(holdings(phy, num_experts).transpose(0, 2, 1))
+
+
 def slot_weights(phy: IntArray, weight: FloatArray, counts: IntArray) -> FloatArray:
     """Load carried by each slot [B, R, S]: its expert's load split over the expert's replicas."""
     b_idx = np.arange(phy.shape[0])[:, None, None]
@@ -75,7 +81,7 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     items, items_w = items[by_need], items_w[by_need]
     work = phy[by_need]
     # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
-    held = np.ascontiguousarray(holdings(work, num_experts).transpose(0, 2, 1))
+    held = holders(work, num_experts)
     loads = slot_weights(work, weight[by_need], counts[by_need]).sum(axis=2)
     free = (work < 0).sum(axis=2)
     # each rank fills its free slots in slot order: the n-th replica it takes goes to the

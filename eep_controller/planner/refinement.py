@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eep_controller.planner.packing import count_replicas, holdings, slot_weights
+from eep_controller.planner.packing import count_replicas, holders, holdings, slot_weights
 from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 
 LIGHT_RANKS = 2
@@ -50,7 +50,7 @@ def refine(
     num_experts = weight.shape[1]
     counts = count_replicas(phy, num_experts)
     # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
-    held = np.ascontiguousarray(holdings(phy, num_experts).transpose(0, 2, 1))
+    held = holders(phy, num_experts)
     held_flat = held.reshape(batch * num_experts, ranks)  # a view: updates to held show
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     mean = loads.mean(axis=1)

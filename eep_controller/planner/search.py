@@ -12,6 +12,7 @@ import numpy as np
 from eep_controller.planner.packing import (
     count_replicas,
     fill_free_slots,
+    holders,
     holdings,
     slot_weights,
 )
@@ -22,7 +23,7 @@ from eep_controller.planner.placement import (
 )
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import filler_counts, greedy_counts
-from eep_controller.planner.validation import FloatArray, IntArray
+from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 
 # Gain (in mean rank loads) a swap must bring for each weight copy it adds.
 COPY_PENALTY = 0.005
@@ -179,7 +180,7 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
         return None
     phy = phy.copy()
     loads = slot_weights(phy, weight, counts).sum(axis=2)
-    held = holdings(phy, num_experts).transpose(0, 2, 1).copy()  # [B, E, R]
+    held = holders(phy, num_experts)  # [B, E, R]
     todo = np.flatnonzero(need > 0)
     while todo.size:
         n = np.arange(todo.size)
@@ -225,18 +226,17 @@ def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray
 def _prefer_kept(
     counts: IntArray, kept: IntArray, weight: FloatArray, *, coldest: bool
 ) -> IntArray:
-    """`counts` [B, E] with replicas moved, one at a time, from an expert that would need a
-    new copy (more replicas than survive) to one whose surviving replicas would be dropped,
-    while the moved-from expert's replicas stay no heavier than the heaviest replica the
-    counts already make: a surviving replica kept costs no copy, a new one costs one."""
+    """`counts` [B, E] with replicas moved, one at a time, from an orphan given more than one
+    replica (each a new copy) to an expert whose surviving (`kept`) replicas would be dropped
+    (keeping one costs no copy), while the orphan's replicas stay no heavier than the mean
+    replica. The survivor taking it is the coldest, or with `coldest=False` the heaviest."""
     counts = counts.copy()
     cap = weight.sum(axis=1) / counts.sum(axis=1)  # the mean replica
-    rows = np.arange(counts.shape[0])
-    todo = rows
+    todo = np.arange(counts.shape[0])
     for _ in range(int(counts.sum(axis=1).max(initial=0))):
         c, k, w = counts[todo], kept[todo], weight[todo]
         n = np.arange(todo.size)
-        grown = np.where((c > np.maximum(k, 1)) & (k == 0), w / np.maximum(c - 1, 1), np.inf)
+        grown = np.where((k == 0) & (c > 1), w / np.maximum(c - 1, 1), np.inf)
         give = np.argmin(grown, axis=1)
         relief = np.where(k > c, -w / c if coldest else w / c, -np.inf)
         take = np.argmax(relief, axis=1)
@@ -314,6 +314,16 @@ def _pick(bal: FloatArray, copies: IntArray) -> IntArray:
     return pick
 
 
+def _second_wins(
+    bal_a: FloatArray, plan_a: IntArray, bal_b: FloatArray, plan_b: IntArray, origin: IntArray
+) -> BoolArray:
+    """Per layer: `_pick` prefers plan b to plan a (balancedness `bal_*`, copies counted
+    against `origin`)."""
+    copies = np.stack([(plan_a != origin).sum(axis=(1, 2)), (plan_b != origin).sum(axis=(1, 2))])
+    wins: BoolArray = _pick(np.stack([bal_a, bal_b]), copies) == 1
+    return wins
+
+
 def _polish(
     phy: IntArray,
     weight: FloatArray,
@@ -376,12 +386,11 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
         bal_k, copies_k, where = _scores(screened, w_weak, o_weak, s_kind, s_row, kinds)
     choice = _pick(bal_k, copies_k)
     other = _polish(screened[where[choice, np.arange(weak.size)]], w_weak, o_weak)
-    bal2 = np.stack([bal[weak], layer_balancedness(other, w_weak)])
-    copies2 = np.stack([(x != o_weak).sum(axis=(1, 2)) for x in (best[weak], other)])
-    take = _pick(bal2, copies2) == 1
+    bal_other = layer_balancedness(other, w_weak)
+    take = _second_wins(bal[weak], best[weak], bal_other, other, o_weak)
     best[weak[take]] = other[take]
     # layers the copy penalty left just short of CHOOSE_ABOVE buy the rest at a lower price
-    short = weak[np.maximum(bal2[0], bal2[1]) < CHOOSE_ABOVE]
+    short = weak[np.maximum(bal[weak], bal_other) < CHOOSE_ABOVE]
     if short.size:
         best[short] = _finish(best[short], weight[short], origin[short])
         _rescue(best, weight, origin, weak, plans, kind, row, kinds)
@@ -398,8 +407,7 @@ def _merge_hot_first(
         return
     alt = _polish(hot_first, weight, origin)
     bal_alt = layer_balancedness(alt, weight)
-    copies = np.stack([(best != origin).sum(axis=(1, 2)), (alt != origin).sum(axis=(1, 2))])
-    take = _pick(np.stack([bal, bal_alt]), copies) == 1
+    take = _second_wins(bal, best, bal_alt, alt, origin)
     best[take] = alt[take]
     bal[take] = bal_alt[take]
 
@@ -436,9 +444,8 @@ def _rescue(
     choice = _pick(bal_k, copies_k)
     cols = np.arange(layers.size)
     candidate = tried[where[choice, cols]]
-    bal2 = np.stack([layer_balancedness(best[layers], weight[layers]), bal_k[choice, cols]])
-    copies2 = np.stack([(best[layers] != origin[layers]).sum(axis=(1, 2)), copies_k[choice, cols]])
-    take = _pick(bal2, copies2) == 1
+    here = layer_balancedness(best[layers], weight[layers])
+    take = _second_wins(here, best[layers], bal_k[choice, cols], candidate, origin[layers])
     best[layers[take]] = candidate[take]
 
 
