@@ -351,7 +351,20 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     `_retarget_options`, screened by a short refinement, the most promising refined fully;
     per layer the better plan by `_pick` is kept."""
     total = phy.shape[1] * phy.shape[2]
-    best = _polish(_sticky(phy, weight, total), weight, origin)
+    batch = phy.shape[0]
+    sticky = _sticky(phy, weight, total)
+    hot_first = _sticky_hot(phy, weight, total)
+    if hot_first is None:
+        best = _polish(sticky, weight, origin)
+    else:
+        # both refined in one call: refinement is row by row, so one call gives the same
+        # plans as two and pays the per-step overhead once
+        both = _polish(
+            np.concatenate([sticky, hot_first]),
+            np.concatenate([weight, weight]),
+            np.concatenate([origin, origin]),
+        )
+        best, hot_first = both[:batch], both[batch:]
     bal = layer_balancedness(best, weight)
     weak = np.flatnonzero(bal < CHOOSE_ABOVE)
     # layers the sticky plan left close to CHOOSE_ABOVE buy the rest at a lower price
@@ -362,7 +375,8 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
         best[near[reached]] = done[reached]
         bal[near[reached]] = CHOOSE_ABOVE
         weak = np.flatnonzero(bal < CHOOSE_ABOVE)
-    _merge_hot_first(best, bal, phy, weight, origin)
+    if hot_first is not None:
+        _merge_hot_first(best, bal, hot_first, weight, origin)
     if weak.size == 0:
         return best
     w_weak, o_weak = weight[weak], origin[weak]
@@ -398,14 +412,10 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
 
 
 def _merge_hot_first(
-    best: IntArray, bal: FloatArray, phy: IntArray, weight: FloatArray, origin: IntArray
+    best: IntArray, bal: FloatArray, alt: IntArray, weight: FloatArray, origin: IntArray
 ) -> None:
-    """Per layer, keep (in place) the `_sticky_hot` plan, refined, where `_pick` prefers it
-    to `best` (balancedness `bal`, updated too)."""
-    hot_first = _sticky_hot(phy, weight, phy.shape[1] * phy.shape[2])
-    if hot_first is None:
-        return
-    alt = _polish(hot_first, weight, origin)
+    """Per layer, keep (in place) the refined `_sticky_hot` plan `alt` where `_pick` prefers
+    it to `best` (balancedness `bal`, updated too)."""
     bal_alt = layer_balancedness(alt, weight)
     take = _second_wins(bal, best, bal_alt, alt, origin)
     best[take] = alt[take]
