@@ -10,6 +10,11 @@ ranks q:
 A move is taken when it lowers h without raising any rank it touches to h's load, and its
 gain beats `penalty` x mean rank load per weight copy it adds; the copy count compares each
 slot's expert with `origin` (the expert the slot held before, -1 when the slot is new).
+
+Rows given partner slots trade their last light rank for up to PARTNER_SLOTS slots that
+already hold a new copy (an orphan, say), on the next-lightest ranks: swapping a replica of h
+with one of those adds one copy instead of two, so a rescale that must write orphans anyway
+can move load where it lands for half the price.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ CANDIDATE_SLOTS = 64
 HOT_SLOTS = 12
 # From this many slots per rank `pair_swaps` sorts instead of forming all S x S sums.
 SORTED_SUMS_FROM = 16
+# Slots already holding a new copy that rows with partners also look at (see module doc).
+PARTNER_SLOTS = 9
+# ... found on this many ranks next in lightness after the light ranks.
+PARTNER_RANKS = 8
 
 
 def refine(
@@ -37,11 +46,14 @@ def refine(
     stop_at: float = 1.0,
     max_steps: int = 200,
     light_ranks: int = LIGHT_RANKS,
+    partners: BoolArray | None = None,
 ) -> IntArray:
     """Improve a full batched placement [B, R, S]; returns a new array.
 
     A row stops when its balancedness reaches `stop_at`, when no move pays, or after
     `max_steps` steps. Keeps S slots per rank, distinct experts per rank, >= 1 replica each.
+    Rows where `partners` [B] is set also consider partner slots (see the module doc). Each
+    row's result depends on that row alone.
     """
     phy = phy.copy()
     batch, ranks, slots = phy.shape
@@ -59,8 +71,12 @@ def refine(
     active = np.flatnonzero((top > 0) & (mean < stop_at * top))
     # with many slots per rank each candidate rank is costly: look at fewer of them
     light = max(1, min(light_ranks, ranks - 1, CANDIDATE_SLOTS // slots))
-    slot_idx = np.tile(np.arange(slots), light)
-    width = light * slots
+    # rows with partners: one light rank fewer, and partner slots beyond the light ranks
+    light_p = max(1, light - 1)
+    if partners is None or ranks - 1 - light_p < 1:
+        partners = np.zeros(batch, dtype=bool)
+    partner_ranks = min(PARTNER_RANKS, ranks - 1 - light_p)
+    slot_cols = {k: np.tile(np.arange(slots), k)[None, :] for k in (light, light_p)}
     hot_width = min(slots, HOT_SLOTS)
     all_slots = np.broadcast_to(np.arange(slots), (batch, slots))
 
@@ -77,18 +93,35 @@ def refine(
         # lightest ranks other than the hottest (ties broken by rank id, so deterministic)
         masked = row_loads.copy()
         masked[rows, hot] = np.inf
-        lightest = np.argsort(masked, axis=1)[:, :light]
+        by_load = np.argsort(masked, axis=1)
+        mine = partners[active]
+        # the same candidates, in the same order, whether or not other rows have partners:
+        # with some (not all) rows having them, the others' partner columns and their own
+        # last light ranks are barred
+        some, every = bool(mine.any()), bool(mine.all())
+        step_light = light_p if every else light
+        lightest = by_load[:, :step_light]
         q_rank = np.repeat(lightest, slots, axis=1)  # [n, J]
-        q_slot = np.broadcast_to(slot_idx, q_rank.shape)
+        q_slot = np.broadcast_to(slot_cols[step_light], q_rank.shape)
+        if some:
+            p_rank, p_slot, p_ok = _partner_slots(
+                phy, origin, active, by_load[:, light_p : light_p + partner_ranks]
+            )
+            q_rank = np.concatenate([q_rank, p_rank], axis=1)
+            q_slot = np.concatenate([q_slot, p_slot], axis=1)
+        width = q_rank.shape[1]
         e_j = phy[a_col, q_rank, q_slot]
         o_j = origin[a_col, q_rank, q_slot]
         l_q = row_loads[r_col, q_rank]
-        cnt = counts[active]
-        w_row = weight[active]
+        if some:
+            # a barred candidate rank counts as infinitely loaded: no move onto it gains
+            l_q[:, step_light * slots :][~(p_ok & mine[:, None])] = np.inf
+            if not every:
+                l_q[mine, light_p * slots : light * slots] = np.inf
         e_i = phy[active, hot, :]  # [n, S]
         o_i = origin[active, hot, :]
-        w_i = w_row[r_col, e_i]
-        c_i = cnt[r_col, e_i]
+        w_i = weight[a_col, e_i]
+        c_i = counts[a_col, e_i]
         if hot_width < slots:
             # only the hottest rank's heaviest slots are candidates
             pick_i = np.argsort(-(w_i / c_i), axis=1, kind="stable")[:, :hot_width]
@@ -98,19 +131,22 @@ def refine(
             c_i = np.take_along_axis(c_i, pick_i, axis=1)
         else:
             pick_i = all_slots
-        w_j = w_row[r_col, e_j]
-        c_j = cnt[r_col, e_j]
+        w_j = weight[a_col, e_j]
+        c_j = counts[a_col, e_j]
         share_i = w_i / c_i
         share_j = w_j / c_j
         tol = 1e-9 * hot_load[:, None, None]
         h3 = hot_load[:, None, None]
         lq3 = l_q[:, None, :]
-        # q_has_i[n, i, j]: the rank of candidate slot j holds expert e_i; computed per light
-        # rank and broadcast over its slots (candidate j = light rank j // S, slot j % S)
-        q_has = held[a_col[:, :, None], e_i[:, :, None], lightest[:, None, :]]  # [n, S, light]
-        q_has_i = np.broadcast_to(q_has[..., None], (n, hot_width, light, slots)).reshape(
-            n, hot_width, -1
-        )
+        # q_has_i[n, i, j]: the rank of candidate slot j holds expert e_i; without partners
+        # computed per light rank and broadcast over its slots (j = light rank j // S, slot j % S)
+        if some:
+            q_has_i = held[a_col[:, :, None], e_i[:, :, None], q_rank[:, None, :]]
+        else:
+            q_has = held[a_col[:, :, None], e_i[:, :, None], lightest[:, None, :]]  # [n, S, L]
+            q_has_i = np.broadcast_to(q_has[..., None], (n, hot_width, step_light, slots)).reshape(
+                n, hot_width, -1
+            )
         h_has_j = held[a_col, e_j, hot[:, None]]  # [n, J]
         fresh_i = e_i != o_i
         fresh_j = e_j != o_j
@@ -213,6 +249,26 @@ def refine(
         still = mean[changed] < stop_at * top
         active = changed[still]
     return phy
+
+
+def _partner_slots(
+    phy: IntArray, origin: IntArray, active: IntArray, ranks: IntArray
+) -> tuple[IntArray, IntArray, BoolArray]:
+    """Per active row, the first PARTNER_SLOTS slots holding a new copy (expert differs from
+    `origin`) on `ranks` [n, K] (lightest first): their rank and slot [n, PARTNER_SLOTS], and
+    whether each was found (a row may have fewer)."""
+    n, slots = active.size, phy.shape[2]
+    rows = active[:, None]
+    found = (phy[rows, ranks] != origin[rows, ranks]).reshape(n, -1)  # [n, K * S], in order
+    seen = np.cumsum(found, axis=1)
+    rr, cc = np.nonzero(found & (seen <= PARTNER_SLOTS))
+    nth = seen[rr, cc] - 1
+    flat = np.zeros((n, PARTNER_SLOTS), dtype=np.int64)
+    ok = np.zeros((n, PARTNER_SLOTS), dtype=bool)
+    flat[rr, nth] = cc
+    ok[rr, nth] = True
+    rank: IntArray = np.take_along_axis(ranks, flat // slots, axis=1)
+    return rank, flat % slots, ok
 
 
 def _value(gain: FloatArray, copies: IntArray, price: FloatArray, barred: BoolArray) -> FloatArray:

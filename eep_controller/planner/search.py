@@ -331,6 +331,7 @@ def _polish(
     *,
     steps: int = REFINE_STEPS,
     stop_at: float = GOOD_ENOUGH,
+    partners: BoolArray | None = None,
 ) -> IntArray:
     """`refine` with the rescale settings: copy penalty, stop at GOOD_ENOUGH (screening
     stops at CHOOSE_ABOVE, all `_pick` asks of a candidate)."""
@@ -342,35 +343,44 @@ def _polish(
         stop_at=stop_at,
         max_steps=steps,
         light_ranks=LIGHT_RANKS,
+        partners=partners,
     )
 
 
 def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
-    """The sticky plan (see `_sticky`), refined with the copy penalty. Layers it leaves below
-    CHOOSE_ABOVE (skewed ones) also get the replica-count search: the distinct
-    `_retarget_options`, screened by a short refinement, the most promising refined fully;
-    per layer the better plan by `_pick` is kept."""
+    """The sticky plan (see `_sticky`) and the hot-first one (see `_sticky_hot`), refined
+    with the copy penalty. Layers both leave below CHOOSE_ABOVE (skewed ones) also get the
+    replica-count search: the distinct `_retarget_options` not already refined, screened by
+    a short refinement, the most promising refined fully; per layer the better plan by
+    `_pick` is kept."""
     total = phy.shape[1] * phy.shape[2]
     batch = phy.shape[0]
+    # layers with orphans write copies onto surviving ranks anyway: their refinement may
+    # swap with those slots for one copy (see `refine`'s partners); the screening does not
+    orphaned = count_replicas(phy, weight.shape[1]).min(axis=1) == 0
     sticky = _sticky(phy, weight, total)
-    hot_first = _sticky_hot(phy, weight, total)
-    if hot_first is None:
-        best = _polish(sticky, weight, origin)
+    hot_start = _sticky_hot(phy, weight, total)
+    starts = [sticky]
+    if hot_start is None:
+        best = _polish(sticky, weight, origin, partners=orphaned)
+        hot_first = None
     else:
         # both refined in one call: refinement is row by row, so one call gives the same
         # plans as two and pays the per-step overhead once
         both = _polish(
-            np.concatenate([sticky, hot_first]),
+            np.concatenate([sticky, hot_start]),
             np.concatenate([weight, weight]),
             np.concatenate([origin, origin]),
+            partners=np.concatenate([orphaned, orphaned]),
         )
         best, hot_first = both[:batch], both[batch:]
+        starts.append(hot_start)
     bal = layer_balancedness(best, weight)
     weak = np.flatnonzero(bal < CHOOSE_ABOVE)
     # layers the sticky plan left close to CHOOSE_ABOVE buy the rest at a lower price
     near = weak[bal[weak] >= NEAR_ENOUGH]
     if near.size:
-        done = _finish(best[near], weight[near], origin[near])
+        done = _finish(best[near], weight[near], origin[near], orphaned[near])
         reached = layer_balancedness(done, weight[near]) >= CHOOSE_ABOVE
         best[near[reached]] = done[reached]
         bal[near[reached]] = CHOOSE_ABOVE
@@ -379,36 +389,71 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
         _merge_hot_first(best, bal, hot_first, weight, origin)
     if weak.size == 0:
         return best
-    w_weak, o_weak = weight[weak], origin[weak]
-    plans, kind, row = _retarget_options(phy[weak], w_weak)
+    searched, plans, kind, row = _new_options(phy, weight, weak, starts)
+    bal_searched = bal.copy()
+    if searched.size:
+        other = _screen(plans, weight[searched], origin[searched], kind, row, orphaned[searched])
+        bal_other = layer_balancedness(other, weight[searched])
+        take = _second_wins(bal[searched], best[searched], bal_other, other, origin[searched])
+        best[searched[take]] = other[take]
+        bal_searched[searched] = np.maximum(bal[searched], bal_other)
+    # layers the copy penalty left just short of CHOOSE_ABOVE buy the rest at a lower price
+    short = weak[bal_searched[weak] < CHOOSE_ABOVE]
+    if short.size:
+        best[short] = _finish(best[short], weight[short], origin[short], orphaned[short])
+        if searched.size:
+            _rescue(best, weight, origin, searched, plans, kind, row, orphaned)
+    return best
+
+
+def _new_options(
+    phy: IntArray, weight: FloatArray, weak: IntArray, starts: list[IntArray]
+) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    """The `_retarget_options` of layers `weak` but those equal to a plan of `starts` (each
+    [B, R, S], refined already). Returns the layers left with at least one option, the plans
+    [N, R, S], the option index [N] and the row [N] of each, rows indexing those layers."""
+    plans, kind, row = _retarget_options(phy[weak], weight[weak])
+    new = np.ones(row.size, dtype=bool)
+    for start in starts:
+        new &= np.any(plans != start[weak[row]], axis=(1, 2))
+    plans, kind, row = plans[new], kind[new], row[new]
+    present = np.unique(row)
+    renumber = np.zeros(weak.size, dtype=np.int64)
+    renumber[present] = np.arange(present.size)
+    return weak[present], plans, kind, renumber[row]
+
+
+def _screen(
+    plans: IntArray,
+    weight: FloatArray,
+    origin: IntArray,
+    kind: IntArray,
+    row: IntArray,
+    partners: BoolArray,
+) -> IntArray:
+    """Successive halving over the option plans [N] of layers [B] (every layer has one at
+    least): every option SCREEN_FIRST refinement steps, then per stage of SCREEN_STAGES only
+    the best of each layer go on; the best of the last is refined in full (with `partners`)
+    and returned [B, R, S]."""
     kinds = OPTIONS
-    # screening by successive halving: every option SCREEN_FIRST steps, then per stage of
-    # SCREEN_STAGES only the best of each layer go on; the best of the last is refined
-    screened = _polish(plans, w_weak[row], o_weak[row], steps=SCREEN_FIRST, stop_at=CHOOSE_ABOVE)
-    bal_k, copies_k, where = _scores(screened, w_weak, o_weak, kind, row, kinds)
+    screened = _polish(plans, weight[row], origin[row], steps=SCREEN_FIRST, stop_at=CHOOSE_ABOVE)
+    bal_k, copies_k, where = _scores(screened, weight, origin, kind, row, kinds)
     for keep, steps in SCREEN_STAGES:
         order = _preference(bal_k, copies_k)[:keep]  # [keep, B]
         present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
         s_kind, s_row = order[present], np.nonzero(present)[1]
         screened = _polish(
             screened[where[s_kind, s_row]],
-            w_weak[s_row],
-            o_weak[s_row],
+            weight[s_row],
+            origin[s_row],
             steps=steps,
             stop_at=CHOOSE_ABOVE,
         )
-        bal_k, copies_k, where = _scores(screened, w_weak, o_weak, s_kind, s_row, kinds)
+        bal_k, copies_k, where = _scores(screened, weight, origin, s_kind, s_row, kinds)
     choice = _pick(bal_k, copies_k)
-    other = _polish(screened[where[choice, np.arange(weak.size)]], w_weak, o_weak)
-    bal_other = layer_balancedness(other, w_weak)
-    take = _second_wins(bal[weak], best[weak], bal_other, other, o_weak)
-    best[weak[take]] = other[take]
-    # layers the copy penalty left just short of CHOOSE_ABOVE buy the rest at a lower price
-    short = weak[np.maximum(bal[weak], bal_other) < CHOOSE_ABOVE]
-    if short.size:
-        best[short] = _finish(best[short], weight[short], origin[short])
-        _rescue(best, weight, origin, weak, plans, kind, row, kinds)
-    return best
+    return _polish(
+        screened[where[choice, np.arange(weight.shape[0])]], weight, origin, partners=partners
+    )
 
 
 def _merge_hot_first(
@@ -430,12 +475,12 @@ def _rescue(
     plans: IntArray,
     kind: IntArray,
     row: IntArray,
-    kinds: int,
+    orphaned: BoolArray,
 ) -> None:
-    """Layers of `weak` still below RESCUE_BELOW after the search get every replica-count
-    option refined in full (screening can drop the one option that does not stall), kept
-    where `_pick` prefers it. Only layers all options leave short reach `fallback`, whose
-    fresh plans cost several times the copies."""
+    """Layers of `weak` (each with an option of `plans`) still below RESCUE_BELOW after the
+    search get every option refined in full (screening can drop the one option that does
+    not stall), kept where `_pick` prefers it. Only layers all options leave short reach
+    `fallback`, whose fresh plans cost several times the copies."""
     short = layer_balancedness(best[weak], weight[weak]) < RESCUE_BELOW
     if not short.any():
         return
@@ -443,14 +488,13 @@ def _rescue(
     at[np.flatnonzero(short)] = np.arange(int(short.sum()))
     mine = at[row] >= 0
     sub_rows = weak[row[mine]]
-    tried = _finish(
-        _polish(plans[mine], weight[sub_rows], origin[sub_rows]), weight[sub_rows], origin[sub_rows]
-    )
+    w_sub, o_sub, p_sub = weight[sub_rows], origin[sub_rows], orphaned[sub_rows]
+    tried = _finish(_polish(plans[mine], w_sub, o_sub, partners=p_sub), w_sub, o_sub, p_sub)
     layers = weak[short]
     bal_k, copies_k, where = _scores(
-        tried, weight[layers], origin[layers], kind[mine], at[row[mine]], kinds
+        tried, weight[layers], origin[layers], kind[mine], at[row[mine]], OPTIONS
     )
-    # every layer has at least the greedy option, so each pick is a real plan
+    # every layer has at least one option, so each pick is a real plan
     choice = _pick(bal_k, copies_k)
     cols = np.arange(layers.size)
     candidate = tried[where[choice, cols]]
@@ -459,7 +503,9 @@ def _rescue(
     best[layers[take]] = candidate[take]
 
 
-def _finish(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
+def _finish(
+    phy: IntArray, weight: FloatArray, origin: IntArray, partners: BoolArray | None = None
+) -> IntArray:
     """`refine` to FINISH_AT with the copy penalty scaled by FINISH_DISCOUNT."""
     return refine(
         phy,
@@ -469,6 +515,7 @@ def _finish(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntArray:
         stop_at=FINISH_AT,
         max_steps=REFINE_STEPS,
         light_ranks=LIGHT_RANKS,
+        partners=partners,
     )
 
 

@@ -77,6 +77,85 @@ def test_refine_with_a_prohibitive_price_makes_only_free_moves() -> None:
     assert np.array_equal(out, start)  # every move from a settled plan adds copies
 
 
+def _partner_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """6 ranks x 2 slots, one replica each: rank 0 (A=6, B=4) is hot; ranks 1-3 (5, 5, 5.1)
+    are the lightest; rank 5 (6) holds a new copy O=1 in slot 0 (its origin: a new slot)."""
+    phy = np.array([[[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]])
+    weight = np.array([[6.0, 4.0, 2.5, 2.5, 2.5, 2.5, 1.55, 3.55, 3.0, 3.0, 1.0, 5.0]])
+    origin = phy.copy()
+    origin[0, 5, 0] = -1
+    return phy, weight, origin
+
+
+def test_refine_swaps_with_a_partner_slot_for_one_copy() -> None:
+    phy, weight, origin = _partner_case()
+    one_step = {"penalty": 0.005, "stop_at": 1.0, "max_steps": 1, "light_ranks": 3}
+    alone = refine(phy, weight, origin, **one_step)
+    # without partners: A for the 3.55 or B for the 1.55 of rank 3, the third lightest
+    # (peak 10 -> 7.55), adds 2 copies: 1.225 per copy
+    assert (alone != origin).sum() == 1 + 2
+    assert np.isin(alone[0, 3], [0, 1]).sum() == 1
+    with_partner = refine(phy, weight, origin, partners=np.array([True]), **one_step)
+    # with them rank 3 is not looked at; B for the new copy O on rank 5 adds 1 copy and
+    # gains 1 per copy (peak 10 -> 9), more than the 0.75 per copy of ranks 1 and 2
+    assert (with_partner != origin).sum() == 1 + 1
+    assert sorted(with_partner[0, 0].tolist()) == [0, 10]
+    assert sorted(with_partner[0, 5].tolist()) == [1, 11]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 4), st.integers(2, 12), st.integers(1, 6), st.integers(0, 2**16))
+def test_refine_rows_do_not_depend_on_the_rest_of_the_batch(
+    layers: int, ranks: int, slots: int, seed: int
+) -> None:
+    """Each row's result is the same refined alone or in a batch whose other rows do or do
+    not have partners: the plan cannot depend on how layers are split between processes."""
+    rng = np.random.default_rng(seed)
+    experts = max(1, ranks * slots - int(rng.integers(0, ranks + 1)))
+    load = zipf_load(layers, experts, 1.2, seed)
+    start = plan_placement(load, ranks, slots).by_rank()
+    origin = start.copy()
+    # a third of the slots hold new copies (their origin is another expert or a new slot)
+    fresh = rng.random(start.shape) < 0.33
+    origin[fresh] = rng.integers(-1, experts, int(fresh.sum()))
+    partners = rng.random(layers) < 0.5
+    partners[0] = True
+    out = refine(start, load, origin, penalty=0.005, stop_at=1.0, max_steps=30, partners=partners)
+    for b in range(layers):
+        solo = refine(
+            start[b : b + 1],
+            load[b : b + 1],
+            origin[b : b + 1],
+            penalty=0.005,
+            stop_at=1.0,
+            max_steps=30,
+            partners=partners[b : b + 1],
+        )
+        assert np.array_equal(out[b], solo[0])
+    assert _distinct_per_rank(out)
+    counts = count_replicas(out, experts)
+    assert counts.min() >= 1 and counts.max() <= ranks
+    assert np.all(layer_balancedness(out, load) >= layer_balancedness(start, load) - 1e-12)
+
+
+def test_refine_partner_and_plain_rows_side_by_side() -> None:
+    """The hand-checked case twice, with and without partners, in one batch: the partner
+    row does not see rank 3, the other row's third light rank."""
+    phy, weight, origin = _partner_case()
+    both = refine(
+        np.concatenate([phy, phy]),
+        np.concatenate([weight, weight]),
+        np.concatenate([origin, origin]),
+        penalty=0.005,
+        stop_at=1.0,
+        max_steps=1,
+        light_ranks=3,
+        partners=np.array([True, False]),
+    )
+    assert sorted(both[0, 5].tolist()) == [1, 11]
+    assert np.isin(both[1, 3], [0, 1]).sum() == 1
+
+
 def test_choose_removed_ranks_matches_a_plain_greedy_on_orphans() -> None:
     load = zipf_load(3, 40, 1.0, seed=5)
     current = plan_placement(load, 10, 6)
@@ -263,3 +342,33 @@ def test_greedy_counts_equals_the_one_at_a_time_greedy(
         weight = np.full((2, experts), 1.0)
         weight[:, 0] = 1e6
     assert np.array_equal(greedy_counts(weight, total, cap), _greedy_reference(weight, total, cap))
+
+
+def test_options_equal_to_a_refined_start_are_not_searched_again() -> None:
+    from eep_controller.planner.search import _new_options, _retarget_options
+
+    load = zipf_load(3, 64, 1.5, seed=5)
+    current = plan_placement(load, 12, 10)
+    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
+    origin = current.by_rank()[:, survivors].copy()
+    plans, _, row = _retarget_options(origin, load)
+    weak = np.arange(3)
+    per_layer = [plans[row == b] for b in range(3)]
+    assert all(len(options) >= 2 for options in per_layer)
+    # a start equal to each layer's first option: that option goes, the others stay
+    first = np.stack([options[0] for options in per_layer])
+    searched, left, _, left_row = _new_options(origin, load, weak, [first])
+    assert searched.tolist() == [0, 1, 2]
+    assert left.shape[0] == plans.shape[0] - 3
+    assert not any(np.array_equal(p, first[r]) for p, r in zip(left, left_row, strict=True))
+    # starts covering every option of layer 1 (and only the first of the others): layer 1
+    # is left out and the rows renumber the layers that stay
+    starts = [
+        np.stack([per_layer[b][min(k, len(per_layer[b]) - 1) if b == 1 else 0] for b in range(3)])
+        for k in range(len(per_layer[1]))
+    ]
+    searched, left, _, left_row = _new_options(origin, load, weak, starts)
+    assert searched.tolist() == [0, 2]
+    assert sorted(set(left_row.tolist())) == [0, 1]
+    for p, r in zip(left, left_row, strict=True):
+        assert any(np.array_equal(p, q) for q in per_layer[int(searched[r])][1:])

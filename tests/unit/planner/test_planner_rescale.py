@@ -245,7 +245,6 @@ def test_rescue_refines_every_option_for_a_layer_the_search_left_short() -> None
     from eep_controller.planner.placement import layer_balancedness
     from eep_controller.planner.search import (
         CHOOSE_ABOVE,
-        REPLICA_CAPS,
         RESCUE_BELOW,
         _rescue,
         _retarget_options,
@@ -261,7 +260,7 @@ def test_rescue_refines_every_option_for_a_layer_the_search_left_short() -> None
     assert np.all(layer_balancedness(best, load) < RESCUE_BELOW)
     weak = np.arange(2)
     plans, kind, row = _retarget_options(origin, load)
-    _rescue(best, load, origin, weak, plans, kind, row, len(REPLICA_CAPS) + 1)
+    _rescue(best, load, origin, weak, plans, kind, row, np.ones(2, dtype=bool))
     assert np.all(layer_balancedness(best, load) >= CHOOSE_ABOVE)
     # still a placement with 8 slots per rank and every expert present
     assert best.shape == origin.shape
