@@ -181,19 +181,19 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
     phy = phy.copy()
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     held = holders(phy, num_experts)  # [B, E, R]
+    safe = np.maximum(phy, 0)
+    # cand[b, r, s]: the slot holds a replica with a sibling (kept up to date, as is the
+    # number of such slots per rank)
+    slot_counts = np.take_along_axis(counts, safe.reshape(phy.shape[0], -1), axis=1)
+    cand = (phy >= 0) & (slot_counts.reshape(phy.shape) >= 2)
+    per_rank = cand.sum(axis=2)
     todo = np.flatnonzero(need > 0)
     while todo.size:
         n = np.arange(todo.size)
-        sub = phy[todo]
-        safe = np.maximum(sub, 0)
-        c_all = np.take_along_axis(counts[todo], safe.reshape(todo.size, -1), axis=1).reshape(
-            sub.shape
-        )
-        cand = (sub >= 0) & (c_all >= 2)
         row_loads = loads[todo]
-        hot = np.argmax(np.where(cand.any(axis=2), row_loads, -np.inf), axis=1)
-        e = safe[n, hot]  # [n, S]
-        c = c_all[n, hot]
+        hot = np.argmax(np.where(per_rank[todo] > 0, row_loads, -np.inf), axis=1)
+        e = safe[todo, hot]  # [n, S]
+        c = counts[todo[:, None], e]
         w = weight[todo[:, None], e]
         share = w / np.maximum(c, 1)
         rise = np.where(c >= 2, w / np.maximum(c - 1, 1) - share, 0.0)
@@ -201,14 +201,24 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
         sib[n, :, hot] = False
         sib_max = np.where(sib, row_loads[:, None, :], -np.inf).max(axis=2)
         score = np.maximum(row_loads[n, hot][:, None] - share, sib_max + rise)
-        score = np.where(cand[n, hot], score, np.inf)
+        score = np.where(cand[todo, hot], score, np.inf)
         slot = np.argmin(score, axis=1)
         x = e[n, slot]
         phy[todo, hot, slot] = -1
+        cand[todo, hot, slot] = False
+        per_rank[todo, hot] -= 1
         loads[todo] += held[todo, x] * rise[n, slot][:, None]
         loads[todo, hot] -= rise[n, slot] + share[n, slot]
         held[todo, x, hot] = False
         counts[todo, x] -= 1
+        # an expert down to one replica: that replica has no sibling any more
+        alone = counts[todo, x] == 1
+        if alone.any():
+            rows, xs = todo[alone], x[alone]
+            rank = np.argmax(held[rows, xs], axis=1)
+            at = np.argmax(phy[rows, rank] == xs[:, None], axis=1)
+            cand[rows, rank, at] = False
+            per_rank[rows, rank] -= 1
         need[todo] -= 1
         todo = todo[need[todo] > 0]
     return fill_free_slots(phy, weight, np.maximum(counts, 1))
