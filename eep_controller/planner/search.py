@@ -50,7 +50,7 @@ NEAR_ENOUGH = 0.98
 SCREEN_STEPS = 40
 # Screening: every option gets SCREEN_FIRST refinement steps; then, per stage of
 # SCREEN_STAGES, (options per layer kept, steps they get).
-SCREEN_FIRST = SCREEN_STEPS // 2
+SCREEN_FIRST = 14
 SCREEN_STAGES = ((2, SCREEN_STEPS - SCREEN_FIRST),)
 # Layers the search leaves below this get every option refined in full (see `_rescue`).
 RESCUE_BELOW = FALLBACK_BELOW
