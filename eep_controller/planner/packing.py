@@ -35,7 +35,12 @@ def holdings(phy: IntArray, num_experts: int) -> BoolArray:
 def holders(phy: IntArray, num_experts: int) -> BoolArray:
     """held[b, e, r] = has[b, r, e] of `holdings`, C-contiguous: the holders of one expert
     are one contiguous row."""
-    return np.ascontiguousarray(holdings(phy, num_experts).transpose(0, 2, 1))
+    batch, ranks, _ = phy.shape
+    held = np.zeros((batch, num_experts + 1, ranks), dtype=bool)
+    b_idx = np.arange(batch)[:, None, None]
+    r_idx = np.arange(ranks)[None, :, None]
+    held[b_idx, np.where(phy >= 0, phy, num_experts), r_idx] = True
+    return np.ascontiguousarray(held[:, :num_experts])
 
 
 def slot_weights(phy: IntArray, weight: FloatArray, counts: IntArray) -> FloatArray:
@@ -65,8 +70,6 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     row_of = np.repeat(np.repeat(np.arange(batch), num_experts), pending.ravel())
     expert_of = np.repeat(np.tile(np.arange(num_experts), batch), pending.ravel())
     item_w = weight[row_of, expert_of] / counts[row_of, expert_of]
-    order = np.lexsort((expert_of, -item_w, row_of))
-    row_of, expert_of, item_w = row_of[order], expert_of[order], item_w[order]
     starts = np.concatenate(([0], np.cumsum(per_row)[:-1]))
     pos = np.arange(row_of.size) - starts[row_of]
     width = int(per_row.max())
@@ -74,6 +77,11 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     items_w = np.zeros((batch, width))
     items[row_of, pos] = expert_of
     items_w[row_of, pos] = item_w
+    # each row heaviest first; a stable sort keeps equal shares in expert order, and the
+    # padding goes last
+    order = np.argsort(np.where(items >= 0, -items_w, np.inf), axis=1, kind="stable")
+    items = np.take_along_axis(items, order, axis=1)
+    items_w = np.take_along_axis(items_w, order, axis=1)
 
     # rows by pending replicas, most first, so the rows still filling are always a prefix
     by_need = np.argsort(-per_row, kind="stable")
@@ -84,6 +92,8 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     held = holders(work, num_experts)
     loads = slot_weights(work, weight[by_need], counts[by_need]).sum(axis=2)
     free = (work < 0).sum(axis=2)
+    # the load of each rank with a free slot, inf for full ones (kept up to date)
+    avail = np.where(free > 0, loads, np.inf)
     # each rank fills its free slots in slot order: the n-th replica it takes goes to the
     # n-th free slot (a stable sort puts the free slots first, in order)
     free_slots = np.argsort(work >= 0, axis=2, kind="stable")
@@ -95,19 +105,17 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
             break
         n = np.arange(m)
         expert = items[:m, k]
-        open_rank = free[:m] > 0
-        holds = held[n, expert]
-        cost = np.where(open_rank & ~holds, loads[:m], np.inf)
+        cost = np.where(held[n, expert], np.inf, avail[:m])
         rank = np.argmin(cost, axis=1)
         stuck = np.isinf(cost[n, rank])
         if stuck.any():
             stuck_rows[:m] |= stuck
-            fallback = np.argmin(np.where(open_rank, loads[:m], np.inf), axis=1)
-            rank = np.where(stuck, fallback, rank)
+            rank = np.where(stuck, np.argmin(avail[:m], axis=1), rank)
         slot = free_slots[n, rank, taken[n, rank]]
         work[n, rank, slot] = expert
         loads[n, rank] += items_w[:m, k]
         free[n, rank] -= 1
+        avail[n, rank] = np.where(free[n, rank] > 0, loads[n, rank], np.inf)
         taken[n, rank] += 1
         held[n, expert, rank] = True
     phy[by_need] = work
