@@ -22,7 +22,7 @@ from eep_controller.planner.placement import (
     plan_batch,
 )
 from eep_controller.planner.refinement import refine
-from eep_controller.planner.replication import filler_counts, greedy_counts
+from eep_controller.planner.replication import filler_counts
 from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 
 # Gain (in mean rank loads) a swap must bring for each weight copy it adds.
@@ -259,23 +259,24 @@ def _prefer_kept(
     return counts
 
 
-# Replica-count options per layer: the greedy, and per cap a filler split with replicas
-# moved to surviving ones, coldest first (see `_prefer_kept`); the mildest cap also with
-# the heaviest first. (Both ways at every cap balance the same loads with hardly fewer copies
-# and take about 1.5x the time.)
-OPTIONS = 2 + len(REPLICA_CAPS)
+# Replica-count options per layer: per cap a filler split with replicas moved to surviving
+# ones, coldest first (see `_prefer_kept`); the mildest cap also with the heaviest first.
+# (Both ways at every cap balance the same loads with hardly fewer copies and take about
+# 1.5x the time. The plain greedy counts were an option too, but won 1 layer in 2,600 over
+# the bench loads and three layer mixes and another option did as well there.)
+OPTIONS = 1 + len(REPLICA_CAPS)
 
 
 def _retarget_options(phy: IntArray, weight: FloatArray) -> tuple[IntArray, IntArray, IntArray]:
     """`_retargeted` plans for the replica-count options planned for the new size (see
-    OPTIONS): the greedy and filler splits per cap of `REPLICA_CAPS` (see `filler_counts`).
+    OPTIONS): filler splits per cap of `REPLICA_CAPS` (see `filler_counts`).
 
     Returns the plans [N, R, S], the option index [N] and the row [N] of each; an option
     whose counts equal an earlier option's for the same row (same plan) is left out."""
     ranks, slots = phy.shape[1:]
     total = ranks * slots
     level = weight.sum(axis=1) / ranks
-    options = [greedy_counts(weight, total, ranks)]
+    options = []
     kept = count_replicas(phy, weight.shape[1])
     for cap in REPLICA_CAPS:
         filler = filler_counts(weight, total, ranks, cap * level)
