@@ -154,6 +154,9 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         best[hopeful] = pack_scratch(weight[hopeful], greedy[hopeful], num_ranks, slots_per_rank)
         score[hopeful] = layer_balancedness(best[hopeful], weight[hopeful])
     weak = np.flatnonzero(score < SEARCH_BELOW)
+    # counts already packed per layer: packing is deterministic, so packing the same counts
+    # again gives the same plan and is skipped
+    packed = [np.where(hopeless[:, None], -1, greedy)]
     # caps from the mildest split on; a layer stops searching once it balances SEARCH_DONE
     for cap in REPLICA_CAPS:
         if weak.size == 0:
@@ -161,14 +164,23 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         sub_w = weight[weak]
         caps = np.full(weak.size, cap) * sub_w.sum(axis=1) / num_ranks
         counts = filler_counts(sub_w, total, num_ranks, caps)
-        tried = pack_scratch(sub_w, counts, num_ranks, slots_per_rank)
-        tried_score = layer_balancedness(tried, sub_w)
-        better = tried_score > score[weak]
-        best[weak[better]] = tried[better]
-        score[weak[better]] = tried_score[better]
+        seen = np.zeros(weak.size, dtype=bool)
+        for earlier in packed:
+            seen |= np.all(earlier[weak] == counts, axis=1)
+        done = np.full((batch, weight.shape[1]), -1, dtype=counts.dtype)
+        done[weak] = counts
+        packed.append(done)
+        new, new_w = weak[~seen], sub_w[~seen]
+        if new.size:
+            tried = pack_scratch(new_w, counts[~seen], num_ranks, slots_per_rank)
+            tried_score = layer_balancedness(tried, new_w)
+            better = tried_score > score[new]
+            best[new[better]] = tried[better]
+            score[new[better]] = tried_score[better]
         weak = weak[score[weak] < SEARCH_DONE]
     # layers that skipped the greedy get it still when the search stayed below SEARCH_BELOW
     rest = np.flatnonzero(hopeless & (score < SEARCH_BELOW))
+    rest = rest[~np.any([np.all(p[rest] == greedy[rest], axis=1) for p in packed], axis=0)]
     if rest.size:
         tried = pack_scratch(weight[rest], greedy[rest], num_ranks, slots_per_rank)
         better = layer_balancedness(tried, weight[rest]) > score[rest]

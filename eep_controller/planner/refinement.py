@@ -298,7 +298,8 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         return phy
     num_experts = weight.shape[1]
     counts = count_replicas(phy, num_experts)
-    has = holdings(phy, num_experts)
+    has = np.ascontiguousarray(holdings(phy, num_experts))
+    has_flat = has.reshape(-1)  # a view: has[b, r, e] = has_flat[(b * R + r) * E + e]
     share = slot_weights(phy, weight, counts)
     pairs = ranks // 2
     active = np.arange(batch)
@@ -318,12 +319,16 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         # a swap of hot slot i with cold slot j moves a_i - b_j from hot to cold and leaves the
         # pair |gap - 2 (a_i - b_j)| apart; it helps iff that is below gap. A slot is barred
         # when the other rank of the pair already holds its expert (separable in i and j).
-        u = np.where(has[r3, cold[:, :, None], e_h], np.inf, gap[:, :, None] - 2 * share[rows, hot])
-        v = np.where(has[r3, hot[:, :, None], e_c], np.inf, 2 * share[rows, cold])
+        base = r3 * ranks
+        cold_has = has_flat.take(((base + cold[:, :, None]) * num_experts + e_h).ravel())
+        hot_has = has_flat.take(((base + hot[:, :, None]) * num_experts + e_c).ravel())
+        u = np.where(cold_has.reshape(e_h.shape), np.inf, gap[:, :, None] - 2 * share[rows, hot])
+        v = np.where(hot_has.reshape(e_c.shape), np.inf, 2 * share[rows, cold])
         if slots >= SORTED_SUMS_FROM:
             best_i, best_j, best_after = closest_sums(u, v)
         else:
-            flat = np.abs(u[:, :, :, None] + v[:, :, None, :]).reshape(active.size, pairs, -1)
+            flat = (u[:, :, :, None] + v[:, :, None, :]).reshape(active.size, pairs, -1)
+            np.abs(flat, out=flat)
             best = np.argmin(flat, axis=2)
             best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
             best_i, best_j = np.divmod(best, slots)
