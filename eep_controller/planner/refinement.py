@@ -11,10 +11,10 @@ A move is taken when it lowers h without raising any rank it touches to h's load
 gain beats `penalty` x mean rank load per weight copy it adds; the copy count compares each
 slot's expert with `origin` (the expert the slot held before, -1 when the slot is new).
 
-Rows given partner slots trade their last light rank for up to PARTNER_SLOTS slots that
-already hold a new copy (an orphan, say), on the next-lightest ranks: swapping a replica of h
-with one of those adds one copy instead of two, so a rescale that must write orphans anyway
-can move load where it lands for half the price.
+Rows given partner slots give up their last light rank (when they have more than one) for up
+to PARTNER_SLOTS slots that already hold a new copy (an orphan, say), on the next-lightest
+ranks: swapping a replica of h with one of those adds one copy instead of two, so a rescale
+that must write orphans anyway can move load where it lands for half the price.
 """
 
 from __future__ import annotations

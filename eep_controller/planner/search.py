@@ -181,7 +181,7 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
     phy = phy.copy()
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     held = holders(phy, num_experts)  # [B, E, R]
-    safe = np.maximum(phy, 0)
+    safe = np.maximum(phy, 0)  # a freed slot keeps its old expert here; `cand` masks it
     # cand[b, r, s]: the slot holds a replica with a sibling (kept up to date, as is the
     # number of such slots per rank)
     slot_counts = np.take_along_axis(counts, safe.reshape(phy.shape[0], -1), axis=1)
