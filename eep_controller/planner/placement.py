@@ -268,8 +268,9 @@ def plan_placement(
     slots per rank also a split that stops at half a rank's share and spends the spare
     slots on cold experts) and, for layers that still balance poorly, a search over how
     much redundancy the hottest experts get; replicas are packed heaviest first onto the
-    lightest rank, then improved by swaps from the hottest rank. Hierarchical (each expert group kept on one node) when `num_groups` and `num_nodes`
-    divide evenly, else global. Deterministic.
+    lightest rank, then improved by swaps from the hottest rank. Hierarchical (each expert
+    group kept on one node) when `num_groups` and `num_nodes` divide evenly, else global.
+    Deterministic.
     """
     weight = checked_load(load)
     ranks = checked_positive("num_ranks", num_ranks)

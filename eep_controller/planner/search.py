@@ -392,9 +392,10 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     near = weak[bal[weak] >= NEAR_ENOUGH]
     if near.size:
         done = _finish(best[near], weight[near], origin[near], orphaned[near])
-        reached = layer_balancedness(done, weight[near]) >= CHOOSE_ABOVE
+        bal_done = layer_balancedness(done, weight[near])
+        reached = bal_done >= CHOOSE_ABOVE
         best[near[reached]] = done[reached]
-        bal[near[reached]] = CHOOSE_ABOVE
+        bal[near[reached]] = bal_done[reached]
         weak = np.flatnonzero(bal < CHOOSE_ABOVE)
     if hot_first is not None:
         _merge_hot_first(best, bal, hot_first, weight, origin)
@@ -446,9 +447,8 @@ def _screen(
     least): every option SCREEN_FIRST refinement steps, then per stage of SCREEN_STAGES only
     the best of each layer go on; the best of the last is refined in full (with `partners`)
     and returned [B, R, S]."""
-    kinds = OPTIONS
     screened = _polish(plans, weight[row], origin[row], steps=SCREEN_FIRST, stop_at=CHOOSE_ABOVE)
-    bal_k, copies_k, where = _scores(screened, weight, origin, kind, row, kinds)
+    bal_k, copies_k, where = _scores(screened, weight, origin, kind, row, OPTIONS)
     for keep, steps in SCREEN_STAGES:
         order = _preference(bal_k, copies_k)[:keep]  # [keep, B]
         present = np.isfinite(np.take_along_axis(bal_k, order, axis=0))
@@ -460,7 +460,7 @@ def _screen(
             steps=steps,
             stop_at=CHOOSE_ABOVE,
         )
-        bal_k, copies_k, where = _scores(screened, weight, origin, s_kind, s_row, kinds)
+        bal_k, copies_k, where = _scores(screened, weight, origin, s_kind, s_row, OPTIONS)
     choice = _pick(bal_k, copies_k)
     return _polish(
         screened[where[choice, np.arange(weight.shape[0])]], weight, origin, partners=partners

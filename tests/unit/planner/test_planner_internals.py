@@ -20,6 +20,27 @@ def _distinct_per_rank(phy: np.ndarray) -> bool:
     return not bool(np.any(ordered[:, :, 1:] == ordered[:, :, :-1]))
 
 
+# a shrink: the survivors of a placement planned for `ranks + removed` ranks (see `_shrink`)
+SHRINKS = {
+    "experts": st.integers(4, 40),
+    "ranks": st.integers(2, 8),
+    "removed": st.integers(1, 4),
+    "skew": st.sampled_from([0.0, 0.5, 1.2, 2.0]),
+    "seed": st.integers(0, 2**16),
+}
+
+
+def _shrink(
+    experts: int, ranks: int, removed: int, skew: float, seed: int
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Slots per rank, a Zipf load [3, E] and the first `ranks` ranks [3, ranks, S] of a
+    placement for `ranks + removed` ranks (the others leave, orphaning some experts)."""
+    slots = max(1, -(-experts // ranks)) + 1
+    load = zipf_load(3, experts, skew, seed)
+    survivors = plan_placement(load, ranks + removed, slots).by_rank()[:, :ranks]
+    return slots, load, survivors
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 3),
@@ -211,21 +232,12 @@ def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    experts=st.integers(4, 40),
-    ranks=st.integers(2, 8),
-    removed=st.integers(1, 4),
-    skew=st.sampled_from([0.0, 0.5, 1.2, 2.0]),
-    seed=st.integers(0, 2**16),
-    coldest=st.booleans(),
-)
+@given(**SHRINKS, coldest=st.booleans())
 def test_prefer_kept_trades_new_copies_for_surviving_replicas(
     experts: int, ranks: int, removed: int, skew: float, seed: int, coldest: bool
 ) -> None:
-    slots = max(1, -(-experts // ranks)) + 1
-    load = zipf_load(3, experts, skew, seed)
-    old = plan_placement(load, ranks + removed, slots).by_rank()[:, :ranks]
-    kept = count_replicas(old, experts)
+    slots, load, survivors = _shrink(experts, ranks, removed, skew, seed)
+    kept = count_replicas(survivors, experts)
     level = load.sum(axis=1) / ranks
     counts = filler_counts(load, ranks * slots, ranks, 0.9 * level)
     out = _prefer_kept(counts, kept, load, coldest=coldest)
@@ -258,19 +270,11 @@ def test_prefer_kept_moves_an_orphans_second_replica_to_a_surviving_duplicate() 
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    experts=st.integers(4, 40),
-    ranks=st.integers(2, 8),
-    removed=st.integers(1, 4),
-    skew=st.sampled_from([0.0, 0.5, 1.2, 2.0]),
-    seed=st.integers(0, 2**16),
-)
+@given(**SHRINKS)
 def test_sticky_hot_frees_only_duplicates_and_places_every_orphan(
     experts: int, ranks: int, removed: int, skew: float, seed: int
 ) -> None:
-    slots = max(1, -(-experts // ranks)) + 1
-    load = zipf_load(3, experts, skew, seed)
-    survivors = plan_placement(load, ranks + removed, slots).by_rank()[:, :ranks]
+    slots, load, survivors = _shrink(experts, ranks, removed, skew, seed)
     kept = count_replicas(survivors, experts)
     total = ranks * slots
     need = np.maximum(kept, 1).sum(axis=1) - total
@@ -283,7 +287,7 @@ def test_sticky_hot_frees_only_duplicates_and_places_every_orphan(
     # a valid full placement: every expert placed, none twice on a rank
     counts = count_replicas(out, experts)
     assert counts.min() >= 1 and counts.max() <= ranks
-    assert not np.any(np.sort(out, axis=2)[..., 1:] == np.sort(out, axis=2)[..., :-1])
+    assert _distinct_per_rank(out)
     # per layer exactly max(need, 0) slots are rewritten (as many as there are orphans
     # when surviving replicas must go), and only replicas that had a sibling were dropped
     changed = out != survivors
