@@ -277,3 +277,41 @@ def test_failure_on_few_ranks_with_many_slots_each() -> None:
     plan = plan_rescale(current, zipf_load(2, experts, 1.5, 179), 4, failed_ranks=(0,))
     assert_valid_placement(plan.placement, experts, 4, 39)
     assert_valid_plan(current, plan, (0,))
+
+
+def test_steep_scale_up_to_64_ranks_finishes_on_more_light_ranks() -> None:
+    """Zipf 1.5 from 48 to 64 ranks: the refinement on the three lightest ranks stalls just
+    below 0.99 (no single move onto them lowers the hottest rank); the finishing one, which
+    looks at more of them, gets past it."""
+    load = zipf_load(2, 256, 1.5, seed=0)
+    current = plan_placement(load, 48, 9)
+    plan = plan_rescale(current, load, 64)
+    assert_valid_plan(current, plan, ())
+    assert plan.stats["balancedness_after"] >= 0.99
+    assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
+
+
+def test_screening_refines_in_full_only_options_that_could_still_win() -> None:
+    from eep_controller.planner.placement import layer_balancedness
+    from eep_controller.planner.search import _retarget_options, _screen
+
+    load = zipf_load(2, 64, 1.5, seed=5)
+    current = plan_placement(load, 12, 10)
+    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
+    origin = current.by_rank()[:, survivors].copy()
+    plans, kind, row = _retarget_options(origin, load)
+    partners = np.ones(2, dtype=bool)
+    big = np.iinfo(np.int64).max
+    # the current plan of each layer trails every option (refine in full) or beats it on
+    # both balance and copies (the screened option cannot win: not refined further)
+    trails = (np.full(2, -np.inf), np.full(2, big))
+    beats = (np.full(2, 1.0), np.zeros(2, dtype=np.int64))
+    full = _screen(plans, load, origin, kind, row, partners, trails)
+    cut = _screen(plans, load, origin, kind, row, partners, beats)
+    assert np.all(layer_balancedness(full, load) > layer_balancedness(cut, load))
+    # per layer: layer 0 trails, layer 1 beats
+    mixed = _screen(
+        plans, load, origin, kind, row, partners, (np.array([-np.inf, 1.0]), np.array([big, 0]))
+    )
+    assert np.array_equal(mixed[0], full[0])
+    assert np.array_equal(mixed[1], cut[1])
