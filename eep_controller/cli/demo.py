@@ -31,6 +31,9 @@ from eep_controller.protocol import Layout, NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
 
 console = Console(stderr=True)
+# columns for the summary table when stderr is not a terminal (a table takes only what it
+# needs, up to this)
+SUMMARY_WIDTH = 400
 
 
 @dataclass
@@ -370,7 +373,9 @@ class Demo:
                 f"{s['balancedness_before']:.3f} -> {s['balancedness_after']:.3f}",
                 str(s["requests_served"]), str(s["probes_failed"]),
             )  # fmt: skip
-        console.print(table)
+        # a pipe or a CI log gets rich's default 80 columns, which folds every cell: give
+        # the table the width it needs there (a terminal keeps its own width)
+        (console if console.is_terminal else Console(stderr=True, width=SUMMARY_WIDTH)).print(table)
         for s in self.summary:
             if s["state"] != "SUCCEEDED" or not s["probe_ok"]:
                 console.print(
