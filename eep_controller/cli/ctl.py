@@ -20,7 +20,12 @@ create_app = typer.Typer(help="Create a resource from a file.", no_args_is_help=
 app.add_typer(get_app, name="get")
 app.add_typer(create_app, name="create")
 
+# Columns for output that is not a terminal (a pipe, a file): rich's default there is 80,
+# which folds every table cell; a table takes only the width it needs, up to this.
+PIPE_WIDTH = 400
 console = Console()
+if not console.is_terminal:
+    console = Console(width=PIPE_WIDTH)
 err_console = Console(stderr=True)
 
 

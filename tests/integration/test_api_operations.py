@@ -318,3 +318,32 @@ def test_eepctl_scale_dry_run_and_layout(env: tuple[Proc, str, str]) -> None:
         [*ctl, "scale", "ds", "--dp", "99"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 1 and "422" in bad.stderr
+
+
+def test_eepctl_ops_piped_keeps_one_line_per_operation(
+    env: tuple[Proc, str, str], api: httpx.Client
+) -> None:
+    """Piped output is not folded to rich's default 80 columns: each operation stays one
+    whole line of the table (id, kind, state, dp, copies)."""
+    import json
+    import subprocess
+
+    from tests.support.processes import BIN
+
+    _cancel_active(api)
+    started = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "piped table"})
+    assert started.status_code == 202, started.text
+    _cancel_active(api)
+    ctl = [str(BIN / "eepctl"), "--server", str(env[0].url)]
+    listed = json.loads(
+        subprocess.run(
+            [*ctl, "ops", "ds", "-o", "json"], capture_output=True, text=True, timeout=60
+        ).stdout
+    )["items"]
+    assert any(op["id"] == started.json()["id"] for op in listed)
+    table = subprocess.run([*ctl, "ops", "ds"], capture_output=True, text=True, timeout=60).stdout
+    rows = {op["id"]: [line for line in table.splitlines() if op["id"] in line] for op in listed}
+    for op in listed:
+        assert len(rows[op["id"]]) == 1, table
+        assert op["kind"] in rows[op["id"]][0] and op["state"] in rows[op["id"]][0], table
+    assert "4 -> 5" in rows[started.json()["id"]][0], table

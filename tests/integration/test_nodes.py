@@ -92,6 +92,9 @@ def test_eepctl_lists_nodes_and_manages_deployments(
             [*ctl, "deployments"], capture_output=True, text=True, timeout=60, check=True
         ).stdout
         assert "demo" in listed and "pending" in listed
+        # piped output is not folded to 80 columns: each deployment is one whole line
+        row = next(line for line in listed.splitlines() if "demo" in line)
+        assert all(cell in row for cell in ("pending", "4..8", "native")), listed
         one = subprocess.run(
             [*ctl, "get", "deployment", "demo", "-o", "json"],
             capture_output=True,
