@@ -551,25 +551,43 @@ def _finish(
 def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
     """`fresh` [B, R, S] with its ranks re-ordered, and slots within a rank permuted, to
     keep as many experts as possible where `origin` already has them (greedy matching of
-    ranks by overlap, then each kept expert back in its old slot)."""
-    batch, ranks = fresh.shape[:2]
+    ranks by overlap, then each kept expert back in its old slot).
+
+    The experts of `fresh` are distinct per rank; `origin` may repeat one on a rank (only
+    its first slot then counts as kept), so every expert of `fresh` is placed exactly once.
+    """
+    batch, ranks, slots = fresh.shape
     num_experts = int(max(fresh.max(), origin.max())) + 1
     f_has = holdings(fresh, num_experts).astype(np.float32)
     o_has = holdings(origin, num_experts).astype(np.float32)
-    overlap = np.einsum("bie,bje->bij", f_has, o_has)  # fresh rank i vs current rank j
-    out = np.empty_like(fresh)
-    for b in range(batch):
-        score = overlap[b].copy()
-        for _ in range(ranks):
-            i, j = divmod(int(np.argmax(score)), ranks)
-            score[i, :] = -1.0
-            score[:, j] = -1.0
-            wanted = fresh[b, i]
-            old = origin[b, j]
-            stay = np.isin(old, wanted) & (old >= 0)
-            row = np.where(stay, old, -1)
-            row[~stay] = wanted[~np.isin(wanted, old[stay])]
-            out[b, j] = row
+    score = np.einsum("bie,bje->bij", f_has, o_has)  # fresh rank i vs current rank j
+    rows = np.arange(batch)
+    # greedy matching, all layers at once: the pair of largest overlap first (first in
+    # row-major order on ties), then neither rank takes part again
+    source = np.empty((batch, ranks), dtype=np.int64)  # current rank j gets fresh rank i
+    for _ in range(ranks):
+        i, j = np.divmod(np.argmax(score.reshape(batch, -1), axis=1), ranks)
+        source[rows, j] = i
+        score[rows, i, :] = -1.0
+        score[rows, :, j] = -1.0
+    wanted = np.take_along_axis(fresh, source[:, :, None], axis=1)  # [B, R, S] per current rank
+    same = origin[..., :, None] == wanted[..., None, :]  # [B, R, S old, S wanted]
+    first = np.ones(origin.shape, dtype=bool)  # the first slot of its expert on the rank
+    first[..., 1:] = ~np.any(
+        (origin[..., :, None] == origin[..., None, :]) & np.tri(slots, k=-1, dtype=bool),
+        axis=-1,
+    )[..., 1:]
+    stay = same.any(axis=-1) & (origin >= 0) & first  # old slots that keep their expert
+    kept = np.any(same & stay[..., :, None], axis=-2)  # wanted experts already in place
+    out = np.where(stay, origin, -1)
+    # the other wanted experts, in order, fill the other slots, in order
+    free_slots = np.argsort(stay, axis=-1, kind="stable")
+    new_items = np.take_along_axis(wanted, np.argsort(kept, axis=-1, kind="stable"), axis=-1)
+    todo = (~stay).sum(axis=-1, keepdims=True)
+    values = np.where(
+        np.arange(slots) < todo, new_items, np.take_along_axis(out, free_slots, axis=-1)
+    )
+    np.put_along_axis(out, free_slots, values, axis=-1)
     return out
 
 
@@ -581,8 +599,14 @@ def fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: i
     weak = np.flatnonzero(before < FALLBACK_BELOW)
     if weak.size == 0:
         return
-    fresh = _relabel(plan_batch(weight[weak], phy.shape[1], phy.shape[2]), origin[weak])
+    fresh = plan_batch(weight[weak], phy.shape[1], phy.shape[2])
     gain = layer_balancedness(fresh, weight[weak]) - before[weak]
+    # relabelling changes copies, not balance: only layers the fresh plan helps need it
+    helps = gain > FALLBACK_GAIN
+    weak, fresh, gain = weak[helps], fresh[helps], gain[helps]
+    if weak.size == 0:
+        return
+    fresh = _relabel(fresh, origin[weak])
     copies = (phy != origin).sum(axis=(1, 2))
     extra = (fresh != origin[weak]).sum(axis=(1, 2)) - copies[weak]
     budget = FALLBACK_BUDGET * max(lower_bound, 1) - int(copies.sum())

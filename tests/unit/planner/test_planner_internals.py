@@ -376,3 +376,62 @@ def test_options_equal_to_a_refined_start_are_not_searched_again() -> None:
     assert sorted(set(left_row.tolist())) == [0, 1]
     for p, r in zip(left, left_row, strict=True):
         assert any(np.array_equal(p, q) for q in per_layer[int(searched[r])][1:])
+
+
+def _relabel_one_layer(fresh: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Reference for `_relabel` on one layer [R, S], written plainly: match ranks greedily
+    by overlap (largest first, first in row-major order on ties), then keep each matched
+    expert in its old slot (the first, if the old rank repeats it) and fill the other
+    slots with the other experts, in order."""
+    ranks = fresh.shape[0]
+    overlap = np.array(
+        [[len(set(fresh[i]) & set(origin[j])) for j in range(ranks)] for i in range(ranks)]
+    )
+    overlap = overlap.astype(float)
+    out = np.full_like(origin, -1)
+    for _ in range(ranks):
+        i, j = divmod(int(np.argmax(overlap)), ranks)
+        overlap[i, :] = -1.0
+        overlap[:, j] = -1.0
+        wanted = [int(e) for e in fresh[i]]
+        placed: set[int] = set()
+        for s, e in enumerate(origin[j]):
+            if e >= 0 and e in wanted and e not in placed:
+                out[j, s] = e
+                placed.add(int(e))
+        rest = iter(e for e in wanted if e not in placed)
+        for s in range(out.shape[1]):
+            if out[j, s] < 0:
+                out[j, s] = next(rest)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layers=st.integers(1, 3),
+    ranks=st.integers(1, 7),
+    slots=st.integers(1, 5),
+    new_ranks=st.integers(0, 3),
+    repeat=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_relabel_matches_a_plain_reference_and_places_every_expert_once(
+    layers: int, ranks: int, slots: int, new_ranks: int, repeat: bool, seed: int
+) -> None:
+    from eep_controller.planner.search import _relabel
+
+    rng = np.random.default_rng(seed)
+    experts = int(rng.integers(slots, ranks * slots + 1))
+    fresh = plan_placement(rng.random((layers, experts)) ** 3, ranks, slots).by_rank()
+    origin = plan_placement(rng.random((layers, experts)), ranks, slots).by_rank()
+    origin = origin[:, rng.permutation(ranks)].copy()
+    origin[:, ranks - min(new_ranks, ranks) :] = -1  # appended ranks hold nothing yet
+    if repeat and slots > 1:
+        origin[:, 0, 1] = origin[:, 0, 0]  # a current rank may repeat an expert
+    out = _relabel(fresh, origin)
+    for layer in range(layers):
+        assert np.array_equal(out[layer], _relabel_one_layer(fresh[layer], origin[layer]))
+        # the same ranks as the fresh plan, re-ordered, each with its slots permuted
+        assert sorted(map(sorted, out[layer].tolist())) == sorted(
+            map(sorted, fresh[layer].tolist())
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from planner_checks import assert_valid_placement, assert_valid_plan, zipf_load
@@ -315,3 +316,65 @@ def test_screening_refines_in_full_only_options_that_could_still_win() -> None:
     )
     assert np.array_equal(mixed[0], full[0])
     assert np.array_equal(mixed[1], cut[1])
+
+
+def _repeat_on_rank_zero(current: Placement) -> Placement:
+    """`current` with rank 0 of every layer holding its first expert twice: the first later
+    slot whose expert has another replica takes it (so no expert is lost)."""
+    phy = current.by_rank().copy()
+    counts = current.replica_counts()
+    for layer in range(phy.shape[0]):
+        for slot in range(1, phy.shape[2]):
+            if counts[layer, phy[layer, 0, slot]] >= 2:
+                phy[layer, 0, slot] = phy[layer, 0, 0]
+                break
+    return Placement(
+        phy.reshape(phy.shape[0], -1), current.slots_per_rank, num_experts=current.num_experts
+    )
+
+
+@pytest.mark.parametrize(
+    ("experts", "slots", "old", "new", "skew", "seed"),
+    [
+        (10, 3, 7, 9, 1.0, 458),  # the fresh plan's relabelling raised a numpy ValueError
+        (14, 3, 8, 10, 3.0, 753),  # ... or silently dropped an expert
+        (15, 4, 6, 5, 2.0, 205),
+    ],
+)
+def test_current_placement_repeating_an_expert_on_a_rank_gives_a_valid_plan(
+    experts: int, slots: int, old: int, new: int, skew: float, seed: int
+) -> None:
+    """A Placement may hold an expert twice on one rank (another EPLB can make one). The
+    re-planned layers of such a layer are relabelled to keep experts in place: the repeated
+    slot must count once, or an expert of the fresh plan has no slot left."""
+    load = zipf_load(2, experts, skew, seed)
+    current = _repeat_on_rank_zero(plan_placement(load, old, slots))
+    assert np.any(
+        np.sort(current.by_rank()[:, 0], axis=1)[:, 1:]
+        == np.sort(current.by_rank()[:, 0], axis=1)[:, :-1]
+    )
+    plan = plan_rescale(current, load, new)
+    assert_valid_placement(plan.placement, experts, new, slots)
+    assert_valid_plan(current, plan, ())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    experts=st.integers(4, 16),
+    slots=st.integers(2, 4),
+    extra=st.integers(0, 3),
+    grow=st.integers(-2, 3),
+    skew=st.sampled_from([1.0, 2.0, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_current_placement_with_a_repeat_gives_a_valid_plan(
+    experts: int, slots: int, extra: int, grow: int, skew: float, seed: int
+) -> None:
+    least = -(-experts // slots)
+    old = least + extra
+    load = zipf_load(2, experts, skew, seed)
+    current = _repeat_on_rank_zero(plan_placement(load, old, slots))
+    new = max(least, old + grow)
+    plan = plan_rescale(current, load, new)
+    assert_valid_placement(plan.placement, experts, new, slots)
+    assert_valid_plan(current, plan, ())
