@@ -176,7 +176,9 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
     """Like `_sticky` when replicas must go (more survivors and orphans than slots), but the
     replicas dropped are chosen by rank load, not by count: each drop frees, on the hottest
     rank holding a replica with a sibling, the one leaving the lowest peak among that rank
-    and the siblings that take over its share. None when nothing must be dropped."""
+    and the siblings that take over its share. None when nothing must be dropped in any
+    row; a row with more free slots than orphans drops nothing and grows as `_sticky`
+    does."""
     num_experts = weight.shape[1]
     counts = count_replicas(phy, num_experts)
     need = np.maximum(counts, 1).sum(axis=1) - total
@@ -225,7 +227,15 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
             per_rank[rows, rank] -= 1
         need[todo] -= 1
         todo = todo[need[todo] > 0]
-    return fill_free_slots(phy, weight, np.maximum(counts, 1))
+    counts = np.maximum(counts, 1)
+    # rows with more free slots than orphans (a failed rank replaced by a new one, say)
+    # drop nothing: they grow replicas into the spare slots as `_sticky` does
+    grow = np.flatnonzero(need < 0)
+    if grow.size:
+        grown = counts[grow]
+        _add_replicas(phy[grow], weight[grow], grown, total)
+        counts[grow] = grown
+    return fill_free_slots(phy, weight, counts)
 
 
 def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:

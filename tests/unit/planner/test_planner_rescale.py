@@ -378,3 +378,74 @@ def test_any_current_placement_with_a_repeat_gives_a_valid_plan(
     plan = plan_rescale(current, load, new)
     assert_valid_placement(plan.placement, experts, new, slots)
     assert_valid_plan(current, plan, ())
+
+
+def test_failed_ranks_replaced_by_fewer_new_ones_fill_every_slot() -> None:
+    """Two failed ranks and one new one: layers that orphan more than a rank's slots must
+    drop replicas, the others have slots to spare. The hot-first start plan dropped only
+    in the first kind and left the spare slots of the second empty."""
+    from eep_controller.planner.packing import count_replicas
+    from eep_controller.planner.search import _sticky, _sticky_hot
+
+    load = zipf_load(4, 12, 1.0, seed=0)
+    current = plan_placement(load, 6, 3).by_rank()
+    origin = np.full((4, 5, 3), -1)
+    origin[:, :4] = current[:, [1, 2, 4, 5]]  # ranks 0 and 3 failed; one rank appended
+    need = np.maximum(count_replicas(origin, 12), 1).sum(axis=1) - 5 * 3
+    assert need.max() > 0 and need.min() < 0  # both kinds of layer in one batch
+    hot = _sticky_hot(origin, load, 5 * 3)
+    assert hot is not None and hot.min() >= 0
+    assert np.all(count_replicas(hot, 12) >= 1)
+    spare = need < 0
+    assert np.array_equal(hot[spare], _sticky(origin, load, 5 * 3)[spare])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    layers=st.integers(1, 3),
+    experts=st.integers(1, 12),
+    slots=st.integers(1, 4),
+    old=st.integers(1, 6),
+    grow=st.integers(0, 5),
+    skew=st.sampled_from([1, 3, 8]),
+    failed=st.lists(st.integers(0, 5), max_size=2, unique=True),
+    seed=st.integers(0, 2**16),
+)
+def test_any_current_placement_gives_a_valid_plan(
+    layers: int,
+    experts: int,
+    slots: int,
+    old: int,
+    grow: int,
+    skew: int,
+    failed: list[int],
+    seed: int,
+) -> None:
+    """Any Placement the API accepts, including ranks that repeat an expert and experts
+    with no replica at all, is re-planned into a valid placement."""
+    rng = np.random.default_rng(seed)
+    slots = min(slots, experts)  # a rank holds distinct experts
+    current = Placement(rng.integers(0, experts, (layers, old * slots)), slots, num_experts=experts)
+    load = rng.random((layers, experts)) ** skew
+    gone = tuple(r for r in failed if r < old)
+    new = -(-experts // slots) + grow
+    plan = plan_rescale(current, load, new, failed_ranks=gone)
+    assert_valid_placement(plan.placement, experts, new, slots)
+    assert_valid_plan(current, plan, gone)
+
+
+def test_a_rank_repeating_an_expert_while_another_is_missing() -> None:
+    """Found by the test above: a layer whose repeat leaves a slot to spare sat in one batch
+    with a layer that must drop replicas, and its spare slot stayed empty."""
+    phy = np.array(
+        [
+            [1, 0, 0, 2, 2, 2, 1, 1, 1, 0, 1, 0],
+            [0, 0, 2, 0, 0, 2, 0, 2, 0, 0, 1, 2],
+            [0, 0, 2, 1, 2, 2, 2, 2, 1, 0, 2, 1],
+        ]
+    )
+    load = np.array([[0.011, 0.796, 0.077], [0.479, 0.894, 0.288], [1.9e-06, 0.083, 0.268]])
+    current = Placement(phy, 2, num_experts=3)
+    plan = plan_rescale(current, load, 2)
+    assert_valid_placement(plan.placement, 3, 2, 2)
+    assert_valid_plan(current, plan, ())
