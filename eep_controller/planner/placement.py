@@ -209,15 +209,17 @@ def _finer_counts(weight: FloatArray, num_ranks: int, slots: int) -> IntArray:
 
 
 def hierarchical_ok(
-    num_experts: int, num_ranks: int, num_nodes: int, num_groups: int | None
+    num_experts: int, num_ranks: int, slots_per_rank: int, num_nodes: int, num_groups: int | None
 ) -> bool:
-    """True when groups can be pinned to nodes: groups split evenly over nodes and ranks too."""
+    """True when groups can be pinned to nodes: groups split evenly over nodes and ranks too,
+    and a node's experts are enough to fill each of its ranks with distinct ones."""
     return (
         num_groups is not None
         and num_nodes > 1
         and num_groups % num_nodes == 0
         and num_experts % num_groups == 0
         and num_ranks % num_nodes == 0
+        and slots_per_rank <= num_experts // num_nodes
     )
 
 
@@ -269,8 +271,8 @@ def plan_placement(
     slots on cold experts) and, for layers that still balance poorly, a search over how
     much redundancy the hottest experts get; replicas are packed heaviest first onto the
     lightest rank, then improved by swaps from the hottest rank. Hierarchical (each expert
-    group kept on one node) when `num_groups` and `num_nodes` divide evenly, else global.
-    Deterministic.
+    group kept on one node) when `num_groups` and `num_nodes` divide evenly and a node has
+    at least `slots_per_rank` experts (see `hierarchical_ok`), else global. Deterministic.
     """
     weight = checked_load(load)
     ranks = checked_positive("num_ranks", num_ranks)
@@ -279,7 +281,7 @@ def plan_placement(
     if num_groups is not None:
         checked_positive("num_groups", num_groups)
     checked_capacity(ranks, slots, weight.shape[1])
-    if hierarchical_ok(weight.shape[1], ranks, nodes, num_groups):
+    if hierarchical_ok(weight.shape[1], ranks, slots, nodes, num_groups):
         assert num_groups is not None
         phy = plan_hierarchical(weight, ranks, slots, nodes, num_groups)
     else:

@@ -92,6 +92,14 @@ def test_hierarchical_placement_keeps_each_group_on_one_node() -> None:
         assert all(len(nodes) == 1 for nodes in group_nodes.values())
 
 
+def test_hierarchy_that_cannot_fill_a_rank_from_its_node_plans_globally() -> None:
+    """2 groups of 2 experts on 2 nodes of one 3-slot rank each: a node's 2 experts cannot
+    fill its rank with distinct ones, so the placement is global (it used to raise)."""
+    load = np.array([[0.0, 0.0, 0.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    p = plan_placement(load, 2, 3, num_nodes=2, num_groups=2)
+    assert_valid_placement(p, 4, 2, 3)
+
+
 def test_balancedness_splits_an_expert_load_over_its_replicas() -> None:
     # rank 0 holds expert 0 (load 4, 2 replicas -> 2) and rank 1 holds expert 0 and 1 (2+2)
     p = Placement(np.array([[0, 2, 0, 1]]), 2)
