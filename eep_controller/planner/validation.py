@@ -11,6 +11,9 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
+# Layers whose peak load is above this, or below its inverse, are rescaled (see checked_load).
+LOAD_SCALE_LIMIT = 1e200
+
 
 def checked_load(
     load: npt.ArrayLike, *, num_layers: int | None = None, num_experts: int | None = None
@@ -29,6 +32,13 @@ def checked_load(
         raise ValueError("load contains NaN or infinite values")
     if np.any(arr < 0):
         raise ValueError("load contains negative values")
+    # balance does not depend on a layer's scale; a layer near the ends of float64 (whose
+    # sums would overflow, or whose shares would underflow) is rescaled to a peak of 1
+    peak = arr.max(axis=1)
+    extreme = (peak > LOAD_SCALE_LIMIT) | ((peak > 0) & (peak < 1.0 / LOAD_SCALE_LIMIT))
+    if extreme.any():
+        arr = arr.copy()
+        arr[extreme] /= peak[extreme, None]
     return arr
 
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from planner_checks import zipf_load
 
-from eep_controller.planner import Placement, copy_lower_bound, plan_placement, plan_rescale
+from eep_controller.planner import (
+    Placement,
+    balancedness,
+    copy_lower_bound,
+    plan_placement,
+    plan_rescale,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,6 +30,20 @@ from eep_controller.planner import Placement, copy_lower_bound, plan_placement, 
 def test_bad_load_is_rejected(bad: np.ndarray, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         plan_placement(bad, 2, 2)
+
+
+@pytest.mark.parametrize("scale", [1e307, 1e-310])
+def test_loads_near_the_ends_of_float64_plan_like_any_other(scale: float) -> None:
+    """Finite loads whose sums overflow (or whose shares underflow) are valid input: a
+    layer's balance does not depend on its scale."""
+    load = zipf_load(2, 64, 1.0, seed=4) / 1000.0 * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow, underflow or invalid value
+        placed = plan_placement(load, 8, 9)
+        plan = plan_rescale(placed, load, 12)
+        assert 0.99 <= balancedness(placed, load) <= 1.0
+        assert 0.99 <= plan.stats["balancedness_after"] <= 1.0
+    assert np.array_equal(load, zipf_load(2, 64, 1.0, seed=4) / 1000.0 * scale)  # untouched
 
 
 def test_too_few_slots_for_the_experts_is_rejected() -> None:
