@@ -19,7 +19,16 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 PROTOCOL_VERSION = "v1"
 
@@ -290,12 +299,15 @@ ACKED_PHASES = (OpState.PREPARING, OpState.TRANSFERRING, OpState.SWITCHING, OpSt
 
 
 class ScaleRequest(StrictModel):
-    """Body of ``POST /v1/deployments/{d}/scale``."""
+    """Body of ``POST /v1/deployments/{d}/scale``.
 
-    dp_size: Annotated[int, Field(ge=1, le=MAX_DP)]
-    remove_ranks: list[Annotated[int, Field(ge=0)]] | None = None
-    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
-    dry_run: bool = False
+    Numbers and flags are strict: ``"5"`` or ``true`` for ``dp_size`` and ``"yes"`` for
+    ``dry_run`` are errors, not silently read as 5, 1 and a dry run."""
+
+    dp_size: Annotated[StrictInt, Field(ge=1, le=MAX_DP)]
+    remove_ranks: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    drain_timeout_s: Annotated[StrictFloat, Field(ge=0, le=3600)] = 30.0
+    dry_run: StrictBool = False
     reason: Annotated[str, Field(max_length=500)] | None = None
 
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from eep_controller.store import EmbeddedEtcd, EtcdConnection, EtcdStore, KeySpace
+
+# Property tests draw the same examples on every run ("ci", the default), so a run that
+# passes here passes in CI; EEP_HYPOTHESIS_PROFILE=explore draws new ones each run to hunt
+# for bugs.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("EEP_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -89,3 +91,38 @@ def test_scale_request_bounds() -> None:
         ScaleRequest(dp_size=0)
     with pytest.raises(ValidationError):
         ScaleRequest.model_validate({"dp_size": 2, "drain_timeout_s": -1})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"dp_size": true}',
+        '{"dp_size": "5"}',
+        '{"dp_size": 5.0}',
+        '{"dp_size": 5, "dry_run": "yes"}',
+        '{"dp_size": 5, "dry_run": 1}',
+        '{"dp_size": 5, "remove_ranks": [true]}',
+        '{"dp_size": 5, "drain_timeout_s": true}',
+        '{"dp_size": 5, "drain_timeout_s": "10"}',
+    ],
+)
+def test_scale_request_does_not_coerce_types(body: str) -> None:
+    """A flag or a string is not read as a number, nor a number or a word as a flag: with
+    min_dp 1, ``{"dp_size": true}`` would otherwise scale to one rank."""
+    with pytest.raises(ValidationError):
+        ScaleRequest.model_validate_json(body)
+    with pytest.raises(ValidationError):
+        ScaleRequest.model_validate(json.loads(body))
+
+
+def test_scale_request_takes_plain_json_numbers_and_flags() -> None:
+    req = ScaleRequest.model_validate_json(
+        '{"dp_size": 5, "remove_ranks": [0, 3], "drain_timeout_s": 10, "dry_run": true}'
+    )
+    assert (req.dp_size, req.remove_ranks, req.drain_timeout_s, req.dry_run) == (
+        5,
+        [0, 3],
+        10.0,
+        True,
+    )
+    assert ScaleRequest.model_validate_json(req.model_dump_json()) == req
