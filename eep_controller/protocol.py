@@ -116,13 +116,13 @@ class NodeInfo(StrictModel):
 class MoEShape(StrictModel):
     """The shape of the MoE part of a model: what the planner needs to know."""
 
-    num_moe_layers: Annotated[int, Field(gt=0, le=4096)]
-    num_experts: Annotated[int, Field(gt=0, le=65536)]
-    expert_bytes: Annotated[int, Field(gt=0, description="bytes of one expert's weights")]
-    hidden_size: Annotated[int, Field(gt=0)] | None = None
-    intermediate_size: Annotated[int, Field(gt=0)] | None = None
-    top_k: Annotated[int, Field(gt=0)] = 8
-    num_expert_groups: Annotated[int, Field(gt=0)] | None = None
+    num_moe_layers: Annotated[StrictInt, Field(gt=0, le=4096)]
+    num_experts: Annotated[StrictInt, Field(gt=0, le=65536)]
+    expert_bytes: Annotated[StrictInt, Field(gt=0, description="bytes of one expert's weights")]
+    hidden_size: Annotated[StrictInt, Field(gt=0)] | None = None
+    intermediate_size: Annotated[StrictInt, Field(gt=0)] | None = None
+    top_k: Annotated[StrictInt, Field(gt=0)] = 8
+    num_expert_groups: Annotated[StrictInt, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> MoEShape:
@@ -144,26 +144,26 @@ class ActuatorKind(str, Enum):
 class PhaseDeadlines(StrictModel):
     """Seconds each phase may take before the operation aborts (or, after commit, is forced)."""
 
-    preparing_s: Annotated[float, Field(gt=0, le=86400)] = 120.0
-    transferring_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
-    switching_s: Annotated[float, Field(gt=0, le=86400)] = 120.0
-    cleanup_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    preparing_s: Annotated[StrictFloat, Field(gt=0, le=86400)] = 120.0
+    transferring_s: Annotated[StrictFloat, Field(gt=0, le=86400)] = 600.0
+    switching_s: Annotated[StrictFloat, Field(gt=0, le=86400)] = 120.0
+    cleanup_s: Annotated[StrictFloat, Field(gt=0, le=86400)] = 60.0
 
 
 MAX_DP = 4096
 
 
 class DeploymentSpec(StrictModel):
-    """A deployment as the user declares it."""
+    """A deployment as the user declares it. Its numbers are strict, as in `ScaleRequest`."""
 
     name: Name
     model: MoEShape
-    tp: Annotated[int, Field(ge=1, le=1024)] = 1
-    pcp: Annotated[int, Field(ge=1, le=1024)] = 1
-    slots_per_rank: Annotated[int, Field(ge=1, le=65536)]
-    min_dp: Annotated[int, Field(ge=1, le=MAX_DP)] = 1
-    max_dp: Annotated[int, Field(ge=1, le=MAX_DP)]
-    initial_dp: Annotated[int, Field(ge=1, le=MAX_DP)] | None = None
+    tp: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
+    pcp: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
+    slots_per_rank: Annotated[StrictInt, Field(ge=1, le=65536)]
+    min_dp: Annotated[StrictInt, Field(ge=1, le=MAX_DP)] = 1
+    max_dp: Annotated[StrictInt, Field(ge=1, le=MAX_DP)]
+    initial_dp: Annotated[StrictInt, Field(ge=1, le=MAX_DP)] | None = None
     actuator: ActuatorKind = ActuatorKind.NATIVE
     checkpoint: str | None = Field(
         default=None, description="checkpoint directory the reference runtime loads experts from"

@@ -126,3 +126,22 @@ def test_scale_request_takes_plain_json_numbers_and_flags() -> None:
         True,
     )
     assert ScaleRequest.model_validate_json(req.model_dump_json()) == req
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("min_dp", True), ("max_dp", "8"), ("slots_per_rank", 4.0), ("tp", False)],
+)
+def test_deployment_spec_does_not_coerce_numbers(field: str, value: object) -> None:
+    spec = {
+        "name": "ds",
+        "model": {"num_moe_layers": 2, "num_experts": 16, "expert_bytes": 1024},
+        "slots_per_rank": 4,
+        "min_dp": 4,
+        "max_dp": 8,
+    }
+    assert DeploymentSpec.model_validate(spec).max_dp == 8
+    with pytest.raises(ValidationError):
+        DeploymentSpec.model_validate({**spec, field: value})
+    with pytest.raises(ValidationError):
+        DeploymentSpec.model_validate({**spec, "model": {**spec["model"], "num_experts": "16"}})
