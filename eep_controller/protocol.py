@@ -446,6 +446,23 @@ class LoadWindow(StrictModel):
     window_s: float
     updated_at: float
 
+    def usable(self, layers: int, experts: int | None = None) -> np.ndarray[Any, Any] | None:
+        """The load as float64 [layers, experts] (any width when `experts` is None), or None
+        when it cannot be used to plan or score: a payload that does not decode, another
+        shape, a value that is negative or not finite, or no load at all. Agents write this
+        record; a bad one must not stop planning, which then assumes a uniform load."""
+        try:
+            arr = np.asarray(self.load.decode(), dtype=np.float64)
+        except (ValueError, zlib.error):
+            return None
+        if arr.ndim != 2 or arr.shape[0] != layers:
+            return None
+        if experts is not None and arr.shape[1] != experts:
+            return None
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0) or not np.any(arr > 0):
+            return None
+        return arr
+
 
 class ForwardRequest(StrictModel):
     """A probe batch for one worker: row ``i`` asks expert ``experts[i]`` to process ``tokens[i]``."""

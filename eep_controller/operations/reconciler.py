@@ -340,13 +340,8 @@ class Reconciler:
         phy = layout.phy2log()
         if phy is not None and phy.size:
             load_rec = await self.store.get(self.store.keys.load(name), LoadWindow)
-            load = load_rec.value.load.decode() if load_rec is not None else None
-            if (
-                load is None
-                or load.shape[0] != phy.shape[0]
-                or load.shape[1] <= int(phy.max())
-                or not load.any()
-            ):
+            load = load_rec.value.usable(phy.shape[0]) if load_rec is not None else None
+            if load is None or load.shape[1] <= int(phy.max()):
                 load = np.ones((phy.shape[0], int(phy.max()) + 1), dtype=np.float64)
             value = balancedness(
                 Placement(phy, layout.slots_per_rank, num_experts=load.shape[1]), load

@@ -109,7 +109,8 @@ async def plan_inputs(
     spec, layout = await _read_spec_layout(store, name)
     nodes = [n.value for n in await store.list(store.keys.nodes(), NodeInfo)]
     load_rec = await store.get(store.keys.load(name), LoadWindow)
-    load = load_rec.value.load.decode() if load_rec is not None else None
+    shape = (spec.model.num_moe_layers, spec.model.num_experts)
+    load = load_rec.value.usable(*shape) if load_rec is not None else None
     used = await devices_in_use(store, name)
     return PlanInputs(spec, layout.value, nodes, used, load, link_bandwidth), layout
 

@@ -347,3 +347,59 @@ def test_eepctl_ops_piped_keeps_one_line_per_operation(
         assert len(rows[op["id"]]) == 1, table
         assert op["kind"] in rows[op["id"]][0] and op["state"] in rows[op["id"]][0], table
     assert "4 -> 5" in rows[started.json()["id"]][0], table
+
+
+def _set_load(etcd: str, prefix: str, load: Any) -> None:
+    """Write (or with None, delete) deployment ds's load window, as an agent would."""
+    import asyncio
+
+    import numpy as np
+
+    from eep_controller.protocol import EncodedArray, LoadWindow
+    from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
+
+    async def go() -> None:
+        store = EtcdStore(EtcdConnection([etcd]), KeySpace(prefix))
+        try:
+            if load is None:
+                await store.delete(store.keys.load("ds"))
+            else:
+                arr = np.asarray(load, dtype=np.float64)
+                window = LoadWindow(
+                    deployment="ds",
+                    generation=1,
+                    load=EncodedArray.encode(arr),
+                    window_s=60.0,
+                    updated_at=0.0,
+                )
+                await store.put(store.keys.load("ds"), window)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_bad_load_window_from_an_agent_is_ignored_not_fatal(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
+    """A load window with NaN (or negative) values, written by a faulty agent, must not
+    stop planning or scoring: both fall back to a uniform load. A good one is used."""
+    import numpy as np
+
+    _, etcd, prefix = env
+    _cancel_active(api)
+    try:
+        for bad in (np.full((4, 16), np.nan), -np.ones((4, 16)), np.ones((3, 16))):
+            _set_load(etcd, prefix, bad)
+            lay = api.get("/v1/deployments/ds/layout")
+            assert lay.status_code == 200, lay.text
+            assert lay.json()["balancedness"]["scored_on"] == "uniform load"
+            dry = api.post("/v1/deployments/ds/scale", json={"dp_size": 6, "dry_run": True})
+            assert dry.status_code == 200, dry.text
+        skewed = np.ones((4, 16))
+        skewed[:, 0] = 50.0
+        _set_load(etcd, prefix, skewed)
+        lay = api.get("/v1/deployments/ds/layout").json()
+        assert lay["balancedness"]["scored_on"] == "load window"
+    finally:
+        _set_load(etcd, prefix, None)

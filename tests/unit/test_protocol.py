@@ -145,3 +145,26 @@ def test_deployment_spec_does_not_coerce_numbers(field: str, value: object) -> N
         DeploymentSpec.model_validate({**spec, field: value})
     with pytest.raises(ValidationError):
         DeploymentSpec.model_validate({**spec, "model": {**spec["model"], "num_experts": "16"}})
+
+
+def test_load_window_is_usable_only_when_it_can_be_planned_on() -> None:
+    from eep_controller.protocol import LoadWindow
+
+    def window(arr: np.ndarray) -> LoadWindow:
+        return LoadWindow(
+            deployment="ds", generation=1, load=EncodedArray.encode(arr), window_s=1, updated_at=0
+        )
+
+    good = np.arange(8, dtype=np.float64).reshape(2, 4)
+    assert np.array_equal(window(good).usable(2, 4), good)
+    assert window(good).usable(2) is not None  # any width
+    assert window(good).usable(3, 4) is None and window(good).usable(2, 5) is None
+    for bad in (good * np.nan, -good, np.zeros((2, 4)), np.full((2, 4), np.inf)):
+        assert window(bad).usable(2, 4) is None
+    assert window(np.arange(4, dtype=np.float64)).usable(2, 4) is None  # not [L, E]
+    corrupt = window(good)
+    for data in ("not base64!", "aGVsbG8=", corrupt.load.data[:-8]):
+        broken = corrupt.model_copy(update={"load": corrupt.load.model_copy(update={"data": data})})
+        assert broken.usable(2, 4) is None
+    short = corrupt.model_copy(update={"load": corrupt.load.model_copy(update={"shape": [2, 5]})})
+    assert short.usable(2, 5) is None

@@ -55,9 +55,9 @@ async def layout(name: str, request: Request) -> dict[str, Any]:
         counts = np.stack([np.bincount(row, minlength=E) for row in phy])
         store = request.app.state.ctx.store
         load_rec = await store.get(store.keys.load(name), LoadWindow)
-        load = load_rec.value.load.decode() if load_rec else None
+        load = load_rec.value.usable(phy.shape[0], E) if load_rec else None
         scored_on = "load window"
-        if load is None or load.shape != (phy.shape[0], E) or not load.any():
+        if load is None:
             load, scored_on = np.ones((phy.shape[0], E)), "uniform load"
         body["placement"] = {
             "num_layers": int(phy.shape[0]),
