@@ -17,6 +17,7 @@ from eep_controller.planner import (
     RescalePlan,
     Transfer,
     balancedness,
+    choose_removed_ranks,
     plan_placement,
     plan_rescale,
     schedule_transfers,
@@ -118,8 +119,11 @@ def _check_removed(spec: DeploymentSpec, layout: Layout, request: ScaleRequest) 
     return sorted(ranks)
 
 
-def _initial_plan(spec: DeploymentSpec, load: np.ndarray, num_ranks: int) -> RescalePlan:
-    """Bring-up from nothing: plan from scratch; every slot reads from the checkpoint."""
+def _initial_plan(
+    spec: DeploymentSpec, load: np.ndarray, num_ranks: int, old_ranks: int = 0
+) -> RescalePlan:
+    """Bring-up from nothing (or after every old rank was lost): plan from scratch; every
+    slot reads from the checkpoint; no old rank keeps a place."""
     placement = plan_placement(load, num_ranks, spec.slots_per_rank)
     S = spec.slots_per_rank
     transfers = [
@@ -135,7 +139,7 @@ def _initial_plan(spec: DeploymentSpec, load: np.ndarray, num_ranks: int) -> Res
     ]
     return RescalePlan(
         placement=placement,
-        rank_map=np.zeros(0, dtype=np.int64),
+        rank_map=np.full(old_ranks, -1, dtype=np.int64),
         transfers=transfers,
         stats={
             "copies": len(transfers),
@@ -173,6 +177,11 @@ def plan_operation(
     survivors = old_r - len(failed)
     if removed is not None and set(removed) & set(failed):
         raise Invalid(f"remove_ranks {sorted(set(removed) & set(failed))} are already lost")
+    if removed is not None and failed:
+        # remove_ranks counts old - new leavers; with ranks lost, too few would be left
+        raise Invalid(
+            f"remove_ranks cannot be combined with lost ranks {failed}: recover them first"
+        )
 
     joining: list[Rank] = []
     if new_r > survivors:
@@ -189,8 +198,9 @@ def plan_operation(
             )
         joining = pool[:need]
 
-    if old_r == 0:
-        rplan = _initial_plan(spec, load, new_r)
+    if old_r == 0 or survivors == 0:
+        # nothing to copy from: every rank (all of them new) loads from the checkpoint
+        rplan = _initial_plan(spec, load, new_r, old_r)
     else:
         phy = layout.phy2log()
         if phy is None:
@@ -199,9 +209,16 @@ def plan_operation(
         to_remove: Sequence[int] | None = removed
         if new_r >= survivors:
             to_remove = ()
-        rplan = plan_rescale(
-            current, load, new_r, removed_ranks=to_remove, failed_ranks=tuple(failed)
-        )
+        silent: tuple[int, ...] = tuple(failed)
+        if failed and new_r < survivors:
+            # with a rank lost, copies travel in the standby world, which holds only the new
+            # ranks: a live rank that leaves cannot send there, so it counts as failed for
+            # sourcing (its experts come from another holder or the checkpoint)
+            if to_remove is None:
+                to_remove = choose_removed_ranks(current, load, survivors - new_r, failed)
+            silent = tuple(sorted(set(failed) | set(to_remove)))
+            to_remove = ()
+        rplan = plan_rescale(current, load, new_r, removed_ranks=to_remove, failed_ranks=silent)
         rplan = pin_staying_experts(current, rplan)
 
     rank_map = [int(x) for x in rplan.rank_map]

@@ -101,6 +101,37 @@ def test_graceful_rescales_are_consistent(old: int, new: int, seed: int) -> None
     assert planned.plan.transfer_world == ("active" if new < old else "standby")
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    old=st.integers(2, 8),
+    new=st.integers(1, 9),
+    seed=st.integers(0, 1000),
+    spare=st.lists(st.integers(0, 5), max_size=3),
+    remove=st.lists(st.integers(0, 8), max_size=4, unique=True),
+    failed=st.lists(st.integers(0, 7), max_size=3, unique=True),
+    below=st.booleans(),
+)
+def test_any_request_gives_a_consistent_plan_or_a_clear_refusal(
+    old: int,
+    new: int,
+    seed: int,
+    spare: list[int],
+    remove: list[int],
+    failed: list[int],
+    below: bool,
+) -> None:
+    """Scale requests with or without remove_ranks, with or without lost ranks (a recover):
+    either a plan every agent can carry out, or Invalid / InsufficientDevices."""
+    pi = inputs(layout(old, seed), nodes(4, 4, *spare), seed + 1)
+    lost = [r for r in failed if r < old]
+    request = ScaleRequest(dp_size=new, remove_ranks=remove or None)
+    try:
+        planned = plan_operation(pi, request, failed=lost, allow_below_min=below)
+    except (Invalid, InsufficientDevices):
+        return
+    check_plan_consistency(pi, planned)
+
+
 def test_bring_up_reads_every_slot_from_the_checkpoint() -> None:
     empty = Layout(deployment="d", generation=0, dp_size=0, ranks=[], slots_per_rank=S)
     planned = plan_operation(inputs(empty, nodes(2, 2)), ScaleRequest(dp_size=3))
@@ -119,6 +150,44 @@ def test_failed_ranks_reload_orphans_and_never_send() -> None:
     assert 2 not in table[:, 2].tolist()
     assert all(p.old_rank != 2 for p in planned.plan.participants)
     assert planned.kind is OpKind.RECOVER and planned.plan.transfer_world == "standby"
+
+
+def test_recover_that_also_drops_live_ranks_never_sources_from_them() -> None:
+    """Rank 0 lost and dp 4 -> 2: one live rank must leave too. Copies travel in the
+    standby world, which holds only the new ranks, so the leaver cannot send there; every
+    copy comes from a staying rank or the checkpoint (a leaver as source made the agents
+    fail the transfer phase)."""
+    lay = layout(4)
+    pi = inputs(lay, nodes(4, 4))
+    planned = plan_operation(pi, ScaleRequest(dp_size=2), failed=[0])
+    check_plan_consistency(pi, planned)
+    plan = planned.plan
+    assert plan.transfer_world == "standby"
+    leavers = [p.old_rank for p in plan.participants if p.new_rank is None]
+    assert len(leavers) == 1 and leavers[0] != 0
+    sources = set(plan.transfers.decode()[:, 2].tolist())
+    assert not sources & {0, *leavers}
+
+
+def test_recover_after_every_rank_is_lost_loads_all_from_the_checkpoint() -> None:
+    lay = layout(2)  # both on n0
+    pi = inputs(lay, [*nodes(0), *nodes(0, 3)[1:]])  # n0 is gone, n1 has 3 free devices
+    planned = plan_operation(pi, ScaleRequest(dp_size=2), failed=[0, 1], allow_below_min=True)
+    plan = planned.plan
+    table = plan.transfers.decode()
+    assert len(table) == L * 2 * S and (table[:, 2] == -1).all()
+    assert plan.rank_map == [-1, -1]
+    assert sorted((p.node_id, p.old_rank, p.new_rank) for p in plan.participants) == [
+        ("n1", None, 0),
+        ("n1", None, 1),
+    ]
+    assert planned.kind is OpKind.RECOVER
+
+
+def test_remove_ranks_with_lost_ranks_is_invalid() -> None:
+    pi = inputs(layout(5), nodes(4, 4))
+    with pytest.raises(Invalid, match="lost ranks"):
+        plan_operation(pi, ScaleRequest(dp_size=2, remove_ranks=[1, 2, 3]), failed=[0])
 
 
 def test_scale_up_takes_free_devices_on_hosting_nodes_first() -> None:
