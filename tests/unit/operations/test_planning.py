@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -121,7 +123,11 @@ def test_any_request_gives_a_consistent_plan_or_a_clear_refusal(
     below: bool,
 ) -> None:
     """Scale requests with or without remove_ranks, with or without lost ranks (a recover):
-    either a plan every agent can carry out, or Invalid / InsufficientDevices."""
+    either a plan every agent can carry out, or Invalid / InsufficientDevices. Carried out
+    means: each participant's share of the table (as its agent reads it) is valid, and every
+    copy is sent once and received once, or reloaded once."""
+    from eep_agent.runtime.moves import MoveKind, moves_for_participant
+
     pi = inputs(layout(old, seed), nodes(4, 4, *spare), seed + 1)
     lost = [r for r in failed if r < old]
     request = ScaleRequest(dp_size=new, remove_ranks=remove or None)
@@ -130,6 +136,20 @@ def test_any_request_gives_a_consistent_plan_or_a_clear_refusal(
     except (Invalid, InsufficientDevices):
         return
     check_plan_consistency(pi, planned)
+    plan = planned.plan
+    table = plan.transfers.decode()
+    seen: dict[MoveKind, Counter[int]] = {kind: Counter() for kind in MoveKind}
+    for index in range(len(plan.participants)):
+        share = moves_for_participant(
+            table, plan.participants, plan.rank_map, plan.transfer_world, index, slots_per_rank=S
+        )
+        for move in share.moves:
+            seen[move.kind][move.tag] += 1
+    for src, tag in table[:, [2, 6]].tolist():
+        if src < 0:
+            assert (seen[MoveKind.RELOAD][tag], seen[MoveKind.SEND][tag]) == (1, 0)
+        else:
+            assert (seen[MoveKind.SEND][tag], seen[MoveKind.RECV][tag]) == (1, 1)
 
 
 def test_bring_up_reads_every_slot_from_the_checkpoint() -> None:
