@@ -258,3 +258,28 @@ def _separate_pass(phy: IntArray, weight: FloatArray, counts: IntArray) -> bool:
         phy[rows, rank, slot] = moved
         phy[rows, other, other_slot] = expert
     return True
+
+
+def keep_in_place(old: IntArray, wanted: IntArray) -> IntArray:
+    """Rows [..., S] holding the experts of `wanted` (distinct per row), each expert that
+    `old` already holds in that row in its old slot, the others in the remaining slots in
+    their order in `wanted`. `old` may repeat an expert (only its first slot counts) and may
+    hold -1 (an empty slot)."""
+    slots = old.shape[-1]
+    same = old[..., :, None] == wanted[..., None, :]  # [..., S old, S wanted]
+    first = np.ones(old.shape, dtype=bool)  # the first slot of its expert in the row
+    first[..., 1:] = ~np.any(
+        (old[..., :, None] == old[..., None, :]) & np.tri(slots, k=-1, dtype=bool), axis=-1
+    )[..., 1:]
+    stay = same.any(axis=-1) & (old >= 0) & first  # old slots that keep their expert
+    kept = np.any(same & stay[..., :, None], axis=-2)  # wanted experts already in place
+    out = np.where(stay, old, -1)
+    # the other wanted experts, in order, fill the other slots, in order
+    free_slots = np.argsort(stay, axis=-1, kind="stable")
+    new_items = np.take_along_axis(wanted, np.argsort(kept, axis=-1, kind="stable"), axis=-1)
+    todo = (~stay).sum(axis=-1, keepdims=True)
+    values = np.where(
+        np.arange(slots) < todo, new_items, np.take_along_axis(out, free_slots, axis=-1)
+    )
+    np.put_along_axis(out, free_slots, values, axis=-1)
+    return out

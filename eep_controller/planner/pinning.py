@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eep_controller.planner.packing import keep_in_place
 from eep_controller.planner.placement import Placement
 from eep_controller.planner.rescale import RescalePlan, Transfer
 from eep_controller.planner.validation import IntArray
@@ -48,12 +49,6 @@ def pin_staying_experts(old: Placement, plan: RescalePlan) -> RescalePlan:
 
 
 def _pin_rows(old_rows: IntArray, new_rows: IntArray) -> IntArray:
-    """Per layer: experts in both rows keep their old slot; the others fill the rest in order."""
-    out = np.empty_like(new_rows)
-    for layer in range(new_rows.shape[0]):
-        old_row, new_row = old_rows[layer], new_rows[layer]
-        stay = np.isin(old_row, new_row)
-        row = np.where(stay, old_row, -1)
-        row[~stay] = new_row[~np.isin(new_row, old_row[stay])]
-        out[layer] = row
-    return out
+    """Per layer: experts in both rows keep their old slot (the first, if the old row
+    repeats one); the others fill the rest in order."""
+    return keep_in_place(old_rows, new_rows)

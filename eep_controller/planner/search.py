@@ -14,6 +14,7 @@ from eep_controller.planner.packing import (
     fill_free_slots,
     holders,
     holdings,
+    keep_in_place,
     slot_weights,
 )
 from eep_controller.planner.placement import (
@@ -566,7 +567,7 @@ def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
     The experts of `fresh` are distinct per rank; `origin` may repeat one on a rank (only
     its first slot then counts as kept), so every expert of `fresh` is placed exactly once.
     """
-    batch, ranks, slots = fresh.shape
+    batch, ranks = fresh.shape[:2]
     num_experts = int(max(fresh.max(), origin.max())) + 1
     f_has = holdings(fresh, num_experts).astype(np.float32)
     o_has = holdings(origin, num_experts).astype(np.float32)
@@ -581,24 +582,7 @@ def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
         score[rows, i, :] = -1.0
         score[rows, :, j] = -1.0
     wanted = np.take_along_axis(fresh, source[:, :, None], axis=1)  # [B, R, S] per current rank
-    same = origin[..., :, None] == wanted[..., None, :]  # [B, R, S old, S wanted]
-    first = np.ones(origin.shape, dtype=bool)  # the first slot of its expert on the rank
-    first[..., 1:] = ~np.any(
-        (origin[..., :, None] == origin[..., None, :]) & np.tri(slots, k=-1, dtype=bool),
-        axis=-1,
-    )[..., 1:]
-    stay = same.any(axis=-1) & (origin >= 0) & first  # old slots that keep their expert
-    kept = np.any(same & stay[..., :, None], axis=-2)  # wanted experts already in place
-    out = np.where(stay, origin, -1)
-    # the other wanted experts, in order, fill the other slots, in order
-    free_slots = np.argsort(stay, axis=-1, kind="stable")
-    new_items = np.take_along_axis(wanted, np.argsort(kept, axis=-1, kind="stable"), axis=-1)
-    todo = (~stay).sum(axis=-1, keepdims=True)
-    values = np.where(
-        np.arange(slots) < todo, new_items, np.take_along_axis(out, free_slots, axis=-1)
-    )
-    np.put_along_axis(out, free_slots, values, axis=-1)
-    return out
+    return keep_in_place(origin, wanted)
 
 
 def fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: int) -> None:
