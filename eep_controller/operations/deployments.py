@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from eep_controller.errors import ActiveOperation, Conflict, NotFound
-from eep_controller.protocol import DeploymentSpec, Layout
+from eep_controller.errors import ActiveOperation, Conflict, Invalid, NotFound
+from eep_controller.protocol import ActuatorKind, DeploymentSpec, Layout
 from eep_controller.store import EtcdStore
 
 
@@ -41,7 +41,17 @@ def _status(layout: Layout | None, lock: LockRecord | None) -> str:
 
 
 async def create_deployment(store: EtcdStore, spec: DeploymentSpec) -> DeploymentView:
-    """Store the spec and an empty generation-0 layout; Conflict if the name is taken."""
+    """Store the spec and an empty generation-0 layout; Conflict if the name is taken.
+
+    Invalid for `actuator: vllm`: the wire format has room for driving vLLM's own
+    ``/scale_elastic_ep``, but no actuator for it exists yet, and a deployment must not be
+    driven by another actuator than the one it names."""
+    if spec.actuator is ActuatorKind.VLLM:
+        raise Invalid(
+            "actuator 'vllm' (driving vLLM's own /scale_elastic_ep) is not available in this "
+            "version; use 'native' (eep agents)",
+            field="actuator",
+        )
     keys = store.keys
     layout = Layout(
         deployment=spec.name, generation=0, dp_size=0, ranks=[], slots_per_rank=spec.slots_per_rank,

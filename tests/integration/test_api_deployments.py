@@ -135,6 +135,12 @@ BAD_BODIES: list[tuple[str, Any, int, str]] = [
         "top_k",
     ),
     ("vllm actuator without url", valid_spec(actuator="vllm"), 422, "vllm_url"),
+    (
+        "vllm actuator (not available yet)",
+        valid_spec(actuator="vllm", vllm_url="http://127.0.0.1:1"),
+        422,
+        "not available",
+    ),
     ("unknown actuator", valid_spec(actuator="kubernetes"), 422, "actuator"),
     ("dp above the hard cap", valid_spec(max_dp=100000), 422, "max_dp"),
     ("body is a list", [valid_spec()], 400, ""),
