@@ -74,13 +74,23 @@ class EncodedArray(StrictModel):
         )
 
     def decode(self) -> np.ndarray[Any, Any]:
-        raw = zlib.decompress(base64.b64decode(self.data))
-        arr = np.frombuffer(raw, dtype=np.dtype(self.dtype).newbyteorder("<"))
-        expected = int(np.prod(self.shape)) if self.shape else 1
-        if arr.size != expected:
+        """The array; ValueError when the payload is not base64 of zlib data holding exactly
+        the values the shape needs (decompression stops past that size, so a small payload
+        cannot expand into a huge one)."""
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        expected = int(np.prod(self.shape, dtype=object)) if self.shape else 1
+        try:
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(base64.b64decode(self.data), expected * dtype.itemsize + 1)
+        except zlib.error as exc:
+            raise ValueError(f"array payload is not zlib data: {exc}") from exc
+        need = expected * dtype.itemsize
+        if len(raw) != need:
+            held = f"more than {need}" if len(raw) > need else str(len(raw))
             raise ValueError(
-                f"array payload holds {arr.size} values, shape {self.shape} needs {expected}"
+                f"array payload holds {held} bytes, shape {self.shape} of {self.dtype} needs {need}"
             )
+        arr = np.frombuffer(raw, dtype=dtype)
         return arr.reshape(self.shape).astype(self.dtype)
 
 
@@ -453,7 +463,7 @@ class LoadWindow(StrictModel):
         record; a bad one must not stop planning, which then assumes a uniform load."""
         try:
             arr = np.asarray(self.load.decode(), dtype=np.float64)
-        except (ValueError, zlib.error):
+        except ValueError:
             return None
         if arr.ndim != 2 or arr.shape[0] != layers:
             return None

@@ -86,6 +86,21 @@ def test_encoded_array_with_wrong_payload_size_is_rejected() -> None:
         bad.decode()
 
 
+def test_encoded_array_rejects_a_corrupt_or_oversized_payload() -> None:
+    """A peer's bad payload is a ValueError (a 4xx at the edges), never another exception,
+    and a small payload is not inflated past the size its shape needs."""
+    import base64
+    import zlib
+
+    good = EncodedArray.encode(np.arange(6, dtype=np.int64))
+    for data in ("not base64!", base64.b64encode(b"not zlib").decode(), good.data[:-6]):
+        with pytest.raises(ValueError):
+            good.model_copy(update={"data": data}).decode()
+    bomb = base64.b64encode(zlib.compress(b"\0" * 50_000_000)).decode()  # 50 MB of zeros
+    with pytest.raises(ValueError, match="more than 48 bytes"):
+        good.model_copy(update={"data": bomb}).decode()
+
+
 def test_scale_request_bounds() -> None:
     with pytest.raises(ValidationError):
         ScaleRequest(dp_size=0)
