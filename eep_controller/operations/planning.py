@@ -58,6 +58,15 @@ def uniform_load(spec: DeploymentSpec) -> np.ndarray:
     return np.ones((spec.model.num_moe_layers, spec.model.num_experts), dtype=np.float64)
 
 
+def recover_dp(spec: DeploymentSpec, layout: Layout, lost: Sequence[int]) -> int:
+    """The dp a recover operation aims at: what the surviving ranks fill, but never fewer
+    than the smallest dp that holds every expert (free devices then join; without them the
+    recover waits). Fewer than ``min_dp`` is fine: serving on fewer ranks beats not serving,
+    but a layout missing experts cannot serve at all."""
+    survivors = len(layout.ranks) - len(set(lost))
+    return max(spec.smallest_dp(), survivors // (spec.tp * spec.pcp))
+
+
 def lost_ranks(layout: Layout, nodes: Iterable[NodeInfo]) -> list[int]:
     """Indices of the layout's ranks whose node has no live lease."""
     alive = {n.node_id for n in nodes}

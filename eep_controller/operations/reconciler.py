@@ -22,7 +22,7 @@ from eep_controller.errors import EepError, InsufficientDevices
 from eep_controller.metrics import Metrics
 from eep_controller.operations.deployments import LockRecord
 from eep_controller.operations.events import add_event, record_event, trim_events
-from eep_controller.operations.planning import lost_ranks
+from eep_controller.operations.planning import lost_ranks, recover_dp
 from eep_controller.operations.service import create_operation
 from eep_controller.operations.state_machine import (
     CommitLayout,
@@ -138,10 +138,7 @@ class Reconciler:
             await self._start(
                 spec.value,
                 ScaleRequest(
-                    dp_size=max(
-                        1, (len(layout.value.ranks) - len(lost)) // (spec.value.tp * spec.value.pcp)
-                    ),
-                    reason="node_lost",
+                    dp_size=recover_dp(spec.value, layout.value, lost), reason="node_lost"
                 ),
                 failed=lost,
                 kind=OpKind.RECOVER,

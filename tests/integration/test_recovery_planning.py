@@ -77,3 +77,32 @@ def test_lost_node_during_an_operation_aborts_it_then_recovery_follows(
         10,
         what="recover op after the abort",
     )
+
+
+def test_recover_that_leaves_too_few_ranks_for_every_expert_takes_a_free_device(
+    etcd: str,
+) -> None:
+    """12 experts need 3 ranks of 4 slots. Two of three serving nodes are lost, and the two
+    surviving ranks cannot hold every expert: the recover takes a free device (n4) to reach
+    3 ranks. It used to ask for 2, which planning refused, again and again, while the
+    deployment stayed broken and refused user requests until a recover ran."""
+    prefix = f"/eep-test/{uuid.uuid4().hex[:12]}"
+    leases = seed_serving_deployment(etcd, prefix, SPEC, {"n1": 2, "n2": 2, "n3": 2, "n4": 1}, dp=6)
+    proc = start_controller(etcd, prefix)
+    try:
+        url = str(proc.url)
+        revoke_lease(etcd, leases["n2"])
+        revoke_lease(etcd, leases["n3"])
+        ops = wait_for(
+            lambda: [o for o in _ops(url) if o["kind"] == "recover"], 15, what="recover op"
+        )
+        op = httpx.get(f"{url}/v1/operations/{ops[0]['id']}").json()
+        assert op["plan"]["to_dp"] == 3
+        placed = sorted(
+            (p["node_id"], p["old_rank"] is None)
+            for p in op["plan"]["participants"]
+            if p["new_rank"] is not None
+        )
+        assert placed == [("n1", False), ("n1", False), ("n4", True)]
+    finally:
+        proc.stop()

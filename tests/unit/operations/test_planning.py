@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eep_controller.errors import InsufficientDevices, Invalid
-from eep_controller.operations.planning import PlanInputs, lost_ranks, plan_operation
+from eep_controller.operations.planning import PlanInputs, lost_ranks, plan_operation, recover_dp
 from eep_controller.planner import plan_placement
 from eep_controller.protocol import (
     DeploymentSpec,
@@ -56,6 +56,14 @@ def layout(ranks: int, seed: int = 0) -> Layout:
     rank_list = [Rank(node_id=f"n{r // 4}", device_index=r % 4) for r in range(ranks)]
     phy = plan_placement(load, ranks, S).phy2log
     return Layout(deployment="d", generation=3, dp_size=ranks, ranks=rank_list, slots_per_rank=S,
+                  placement=EncodedArray.encode(phy.astype(np.int64)))  # fmt: skip
+
+
+def layout_of(ranks: int, slots: int) -> Layout:
+    """A layout of `ranks` ranks with `slots` slots each (every expert placed once or more)."""
+    phy = plan_placement(np.ones((L, E)), ranks, slots).phy2log
+    rank_list = [Rank(node_id=f"n{r // 4}", device_index=r % 4) for r in range(ranks)]
+    return Layout(deployment="d", generation=3, dp_size=ranks, ranks=rank_list, slots_per_rank=slots,
                   placement=EncodedArray.encode(phy.astype(np.int64)))  # fmt: skip
 
 
@@ -150,6 +158,17 @@ def test_any_request_gives_a_consistent_plan_or_a_clear_refusal(
             assert (seen[MoveKind.RELOAD][tag], seen[MoveKind.SEND][tag]) == (1, 0)
         else:
             assert (seen[MoveKind.SEND][tag], seen[MoveKind.RECV][tag]) == (1, 1)
+
+
+def test_recover_aims_at_the_survivors_but_never_below_holding_every_expert() -> None:
+    lay = layout(4)  # 4 ranks x 4 slots for 8 experts: 2 ranks hold every expert
+    assert recover_dp(spec(), lay, [3]) == 3
+    assert recover_dp(spec(), lay, [0, 1, 2]) == 2  # 1 survivor: a free device must join
+    assert recover_dp(spec(), lay, [0, 1, 2, 3]) == 2
+    assert recover_dp(spec(), lay, [3, 3]) == 3  # a rank named twice counts once
+    wide = spec(tp=2, slots_per_rank=2, min_dp=2)  # 4 EP ranks of 2 slots hold 8 experts
+    assert recover_dp(wide, layout_of(8, 2), [5]) == 3  # 7 survivors make 3 whole dp groups
+    assert recover_dp(wide, layout_of(8, 2), [0, 1, 2, 3, 4]) == 2
 
 
 def test_bring_up_reads_every_slot_from_the_checkpoint() -> None:
