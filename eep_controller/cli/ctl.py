@@ -14,18 +14,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from eep_controller.cli.output import make_console
+
 app = typer.Typer(help="eepctl: talk to an eep controller.", no_args_is_help=True)
 get_app = typer.Typer(help="Show one resource.", no_args_is_help=True)
 create_app = typer.Typer(help="Create a resource from a file.", no_args_is_help=True)
 app.add_typer(get_app, name="get")
 app.add_typer(create_app, name="create")
 
-# Columns for output that is not a terminal (a pipe, a file): rich's default there is 80,
-# which folds every table cell; a table takes only the width it needs, up to this.
-PIPE_WIDTH = 400
-console = Console()
-if not console.is_terminal:
-    console = Console(width=PIPE_WIDTH)
+console = make_console()
 err_console = Console(stderr=True)
 
 

@@ -21,19 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
 from rich.table import Table
 
+from eep_controller.cli.output import make_console
 from eep_controller.cli.runtime import ControllerRuntime
 from eep_controller.config import Settings
 from eep_controller.probe import ProbeClient, ProbeResult, write_synthetic
 from eep_controller.protocol import Layout, NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
 
-console = Console(stderr=True)
-# columns for the summary table when stderr is not a terminal (a table takes only what it
-# needs, up to this)
-SUMMARY_WIDTH = 400
+console = make_console(stderr=True)
 
 
 @dataclass
@@ -373,9 +370,7 @@ class Demo:
                 f"{s['balancedness_before']:.3f} -> {s['balancedness_after']:.3f}",
                 str(s["requests_served"]), str(s["probes_failed"]),
             )  # fmt: skip
-        # a pipe or a CI log gets rich's default 80 columns, which folds every cell: give
-        # the table the width it needs there (a terminal keeps its own width)
-        (console if console.is_terminal else Console(stderr=True, width=SUMMARY_WIDTH)).print(table)
+        console.print(table)
         for s in self.summary:
             if s["state"] != "SUCCEEDED" or not s["probe_ok"]:
                 console.print(

@@ -13,7 +13,6 @@ import numpy as np
 from eep_controller.planner.packing import keep_in_place
 from eep_controller.planner.placement import Placement
 from eep_controller.planner.rescale import RescalePlan, Transfer
-from eep_controller.planner.validation import IntArray
 
 
 def pin_staying_experts(old: Placement, plan: RescalePlan) -> RescalePlan:
@@ -22,10 +21,10 @@ def pin_staying_experts(old: Placement, plan: RescalePlan) -> RescalePlan:
     layers = old.num_layers
     new = plan.placement.phy2log.reshape(layers, plan.placement.num_ranks, S).copy()
     before = old.by_rank()
-    for old_rank, new_rank in enumerate(plan.rank_map.tolist()):
-        if new_rank < 0:
-            continue
-        new[:, new_rank] = _pin_rows(before[:, old_rank], new[:, new_rank])
+    kept = np.flatnonzero(plan.rank_map >= 0)
+    # on each surviving rank, experts it keeps stay in their old slot (the first, if the old
+    # rank repeats one)
+    new[:, plan.rank_map[kept]] = keep_in_place(before[:, kept], new[:, plan.rank_map[kept]])
     held = np.zeros(
         (layers, plan.placement.num_ranks, int(max(new.max(), before.max())) + 1), dtype=bool
     )
@@ -46,9 +45,3 @@ def pin_staying_experts(old: Placement, plan: RescalePlan) -> RescalePlan:
     return RescalePlan(
         placement=placement, rank_map=plan.rank_map, transfers=transfers, stats=stats
     )
-
-
-def _pin_rows(old_rows: IntArray, new_rows: IntArray) -> IntArray:
-    """Per layer: experts in both rows keep their old slot (the first, if the old row
-    repeats one); the others fill the rest in order."""
-    return keep_in_place(old_rows, new_rows)

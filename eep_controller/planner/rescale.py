@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from eep_controller.planner.fallback import fallback
 from eep_controller.planner.packing import (
     count_replicas,
     holdings,
@@ -23,7 +24,7 @@ from eep_controller.planner.placement import (
     Placement,
     layer_balancedness,
 )
-from eep_controller.planner.search import best_candidate, fallback
+from eep_controller.planner.search import best_candidate
 from eep_controller.planner.validation import (
     FloatArray,
     IntArray,

@@ -1,27 +1,23 @@
 """Searching for the new placement of a rescale: sticky plan, replica-count options, repair.
 
-Pure numpy. :func:`eep_controller.planner.rescale.plan_rescale` calls :func:`best_candidate` and
-:func:`fallback`; everything here works on placements shaped
-``[layers, ranks, slots]`` and never changes how many slots a rank has.
+Pure numpy. :func:`eep_controller.planner.rescale.plan_rescale` calls :func:`best_candidate`
+(then :func:`eep_controller.planner.fallback.fallback`); everything here works on placements
+shaped ``[layers, ranks, slots]`` and never changes how many slots a rank has.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from eep_controller.planner.fallback import FALLBACK_BELOW
 from eep_controller.planner.packing import (
     count_replicas,
     fill_free_slots,
     holders,
     holdings,
-    keep_in_place,
     slot_weights,
 )
-from eep_controller.planner.placement import (
-    REPLICA_CAPS,
-    layer_balancedness,
-    plan_batch,
-)
+from eep_controller.planner.placement import REPLICA_CAPS, layer_balancedness
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import filler_counts
 from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
@@ -31,12 +27,6 @@ COPY_PENALTY = 0.005
 # A layer stops buying balance with copies once it balances this well.
 GOOD_ENOUGH = 0.991
 REFINE_STEPS = 150
-# Layers still below this after the sticky plan are re-planned from scratch and relabelled,
-# and the fresh plan is kept when it balances better by more than FALLBACK_GAIN, within a
-# total of FALLBACK_BUDGET x the copy lower bound.
-FALLBACK_BELOW = 0.97
-FALLBACK_GAIN = 0.01
-FALLBACK_BUDGET = 3.0
 LIGHT_RANKS = 3
 # A candidate plan balancing at least this well competes on copies alone.
 CHOOSE_ABOVE = 0.99
@@ -520,7 +510,7 @@ def _rescue(
     """Layers of `weak` (each with an option of `plans`) still below RESCUE_BELOW after the
     search get every option refined in full (screening can drop the one option that does
     not stall), kept where `_pick` prefers it. Only layers all options leave short reach
-    `fallback`, whose fresh plans cost several times the copies."""
+    `fallback.fallback`, whose fresh plans cost several times the copies."""
     short = layer_balancedness(best[weak], weight[weak]) < RESCUE_BELOW
     if not short.any():
         return
@@ -557,55 +547,3 @@ def _finish(
         light_ranks=FINISH_LIGHT_RANKS,
         partners=partners,
     )
-
-
-def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
-    """`fresh` [B, R, S] with its ranks re-ordered, and slots within a rank permuted, to
-    keep as many experts as possible where `origin` already has them (greedy matching of
-    ranks by overlap, then each kept expert back in its old slot).
-
-    The experts of `fresh` are distinct per rank; `origin` may repeat one on a rank (only
-    its first slot then counts as kept), so every expert of `fresh` is placed exactly once.
-    """
-    batch, ranks = fresh.shape[:2]
-    num_experts = int(max(fresh.max(), origin.max())) + 1
-    f_has = holdings(fresh, num_experts).astype(np.float32)
-    o_has = holdings(origin, num_experts).astype(np.float32)
-    score = np.einsum("bie,bje->bij", f_has, o_has)  # fresh rank i vs current rank j
-    rows = np.arange(batch)
-    # greedy matching, all layers at once: the pair of largest overlap first (first in
-    # row-major order on ties), then neither rank takes part again
-    source = np.empty((batch, ranks), dtype=np.int64)  # current rank j gets fresh rank i
-    for _ in range(ranks):
-        i, j = np.divmod(np.argmax(score.reshape(batch, -1), axis=1), ranks)
-        source[rows, j] = i
-        score[rows, i, :] = -1.0
-        score[rows, :, j] = -1.0
-    wanted = np.take_along_axis(fresh, source[:, :, None], axis=1)  # [B, R, S] per current rank
-    return keep_in_place(origin, wanted)
-
-
-def fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: int) -> None:
-    """Re-plan, in place, layers the sticky plan balanced below FALLBACK_BELOW, keeping a
-    fresh (relabelled) plan where it balances better, best gain per extra copy first, while
-    the total stays within FALLBACK_BUDGET x the copy lower bound."""
-    before = layer_balancedness(phy, weight)
-    weak = np.flatnonzero(before < FALLBACK_BELOW)
-    if weak.size == 0:
-        return
-    fresh = plan_batch(weight[weak], phy.shape[1], phy.shape[2])
-    gain = layer_balancedness(fresh, weight[weak]) - before[weak]
-    # relabelling changes copies, not balance: only layers the fresh plan helps need it
-    helps = gain > FALLBACK_GAIN
-    weak, fresh, gain = weak[helps], fresh[helps], gain[helps]
-    if weak.size == 0:
-        return
-    fresh = _relabel(fresh, origin[weak])
-    copies = (phy != origin).sum(axis=(1, 2))
-    extra = (fresh != origin[weak]).sum(axis=(1, 2)) - copies[weak]
-    budget = FALLBACK_BUDGET * max(lower_bound, 1) - int(copies.sum())
-    for k in np.lexsort((np.arange(weak.size), -gain / np.maximum(extra, 1))):
-        if gain[k] <= FALLBACK_GAIN or extra[k] > budget:
-            continue
-        phy[weak[k]] = fresh[k]
-        budget -= int(extra[k])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from eep_controller.planner import Placement, RescalePlan, apply_transfers
+from eep_controller.planner import (
+    Placement,
+    RescalePlan,
+    apply_transfers,
+    choose_removed_ranks,
+    plan_placement,
+)
 
 
 def zipf_load(layers: int, experts: int, s: float, seed: int = 0) -> npt.NDArray[np.float64]:
@@ -13,6 +19,31 @@ def zipf_load(layers: int, experts: int, s: float, seed: int = 0) -> npt.NDArray
     rng = np.random.default_rng(seed)
     base = 1.0 / np.arange(1, experts + 1) ** s
     return np.stack([rng.permutation(base) for _ in range(layers)]) * 1000.0
+
+
+def skewed_shrink(layers: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """A Zipf 1.5 load [layers, 64] and the survivors [layers, 8, 10] of a 12-rank placement
+    once the 4 ranks cheapest to remove leave: a shrink whose sticky plan balances badly."""
+    load = zipf_load(layers, 64, 1.5, seed=5)
+    current = plan_placement(load, 12, 10)
+    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
+    return load, current.by_rank()[:, survivors].copy()
+
+
+def repeat_on_rank_zero(current: Placement) -> Placement:
+    """`current` with rank 0 of every layer holding its first expert twice (another EPLB can
+    place experts so): the first later slot whose expert has another replica takes it, so
+    no expert is lost."""
+    phy = current.by_rank().copy()
+    counts = current.replica_counts()
+    for layer in range(phy.shape[0]):
+        for slot in range(1, phy.shape[2]):
+            if counts[layer, phy[layer, 0, slot]] >= 2:
+                phy[layer, 0, slot] = phy[layer, 0, 0]
+                break
+    return Placement(
+        phy.reshape(phy.shape[0], -1), current.slots_per_rank, num_experts=current.num_experts
+    )
 
 
 def assert_valid_placement(p: Placement, num_experts: int, num_ranks: int, slots: int) -> None:

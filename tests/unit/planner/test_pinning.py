@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from planner_checks import repeat_on_rank_zero
 
-from eep_controller.planner import Placement, apply_transfers, plan_placement, plan_rescale
+from eep_controller.planner import apply_transfers, plan_placement, plan_rescale
 from eep_controller.planner.pinning import pin_staying_experts
 
 
@@ -25,15 +26,7 @@ def test_pinned_plan_moves_nothing_a_rank_already_holds(
     layers, experts, slots = 3, 12, 6
     current = plan_placement(rng.lognormal(0, 1, (layers, experts)), old_r, slots)
     if repeat:
-        # a current rank may hold an expert twice (another EPLB can place it so): rank 0
-        # repeats its first expert over a slot whose expert has another replica
-        phy = current.by_rank().copy()
-        counts = current.replica_counts()
-        for layer in range(layers):
-            spare = [s for s in range(1, slots) if counts[layer, phy[layer, 0, s]] >= 2]
-            if spare:
-                phy[layer, 0, spare[0]] = phy[layer, 0, 0]
-        current = Placement(phy.reshape(layers, -1), slots, num_experts=experts)
+        current = repeat_on_rank_zero(current)  # a current rank may hold an expert twice
     failed = (int(rng.integers(old_r)),) if fail and new_r < old_r else ()
     plan = plan_rescale(current, rng.lognormal(0, 1, (layers, experts)), new_r, failed_ranks=failed)
     pinned = pin_staying_experts(current, plan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import zipf_load
+from planner_checks import skewed_shrink, zipf_load
 
 from eep_controller.planner import balancedness, choose_removed_ranks, plan_placement
 from eep_controller.planner.packing import count_replicas, holdings, separate_duplicates
@@ -351,10 +351,7 @@ def test_greedy_counts_equals_the_one_at_a_time_greedy(
 def test_options_equal_to_a_refined_start_are_not_searched_again() -> None:
     from eep_controller.planner.search import _new_options, _retarget_options
 
-    load = zipf_load(3, 64, 1.5, seed=5)
-    current = plan_placement(load, 12, 10)
-    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
-    origin = current.by_rank()[:, survivors].copy()
+    load, origin = skewed_shrink(3)
     plans, _, row = _retarget_options(origin, load)
     weak = np.arange(3)
     per_layer = [plans[row == b] for b in range(3)]
@@ -379,7 +376,7 @@ def test_options_equal_to_a_refined_start_are_not_searched_again() -> None:
 
 
 def _relabel_one_layer(fresh: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """Reference for `_relabel` on one layer [R, S], written plainly: match ranks greedily
+    """Reference for `fallback._relabel` on one layer [R, S], written plainly: match ranks greedily
     by overlap (largest first, first in row-major order on ties), then keep each matched
     expert in its old slot (the first, if the old rank repeats it) and fill the other
     slots with the other experts, in order."""
@@ -418,7 +415,7 @@ def _relabel_one_layer(fresh: np.ndarray, origin: np.ndarray) -> np.ndarray:
 def test_relabel_matches_a_plain_reference_and_places_every_expert_once(
     layers: int, ranks: int, slots: int, new_ranks: int, repeat: bool, seed: int
 ) -> None:
-    from eep_controller.planner.search import _relabel
+    from eep_controller.planner.fallback import _relabel
 
     rng = np.random.default_rng(seed)
     experts = int(rng.integers(slots, ranks * slots + 1))

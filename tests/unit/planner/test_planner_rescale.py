@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import assert_valid_placement, assert_valid_plan, zipf_load
+from planner_checks import (
+    assert_valid_placement,
+    assert_valid_plan,
+    repeat_on_rank_zero,
+    skewed_shrink,
+    zipf_load,
+)
 
 from eep_controller.planner import (
     Placement,
@@ -209,10 +215,23 @@ def test_drop_surplus_frees_exactly_the_surplus_on_the_hottest_ranks() -> None:
     assert np.all(count_replicas(phy, 4) == counts)
 
 
-def test_mildly_skewed_scale_up_finishes_the_sticky_plan_near_the_bound() -> None:
-    load = zipf_load(6, 64, 1.2, seed=3)
-    current = plan_placement(load, 8, 9)
-    plan = plan_rescale(current, load, 12)
+@pytest.mark.parametrize(
+    ("layers", "experts", "skew", "seed", "old", "new"),
+    [
+        # a mild skew: the finishing refinement takes the sticky plan past 0.99
+        (6, 64, 1.2, 3, 8, 12),
+        # Zipf 1.5 from 48 to 64 ranks: the refinement on the three lightest ranks stalls
+        # just below 0.99 (no single move onto them lowers the hottest rank); the finishing
+        # one, which looks at more of them, gets past it
+        (2, 256, 1.5, 0, 48, 64),
+    ],
+)
+def test_scale_up_finishes_the_sticky_plan_near_the_bound(
+    layers: int, experts: int, skew: float, seed: int, old: int, new: int
+) -> None:
+    load = zipf_load(layers, experts, skew, seed)
+    current = plan_placement(load, old, 9)
+    plan = plan_rescale(current, load, new)
     assert_valid_plan(current, plan, ())
     assert plan.stats["balancedness_after"] >= 0.99
     assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
@@ -253,10 +272,7 @@ def test_rescue_refines_every_option_for_a_layer_the_search_left_short() -> None
     )
 
     # a skewed shrink: the sticky plan alone (no refinement) balances far below the bar
-    load = zipf_load(2, 64, 1.5, seed=5)
-    current = plan_placement(load, 12, 10)
-    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
-    origin = current.by_rank()[:, survivors].copy()
+    load, origin = skewed_shrink(2)
     best = _sticky(origin, load, 8 * 10)
     assert np.all(layer_balancedness(best, load) < RESCUE_BELOW)
     weak = np.arange(2)
@@ -280,26 +296,11 @@ def test_failure_on_few_ranks_with_many_slots_each() -> None:
     assert_valid_plan(current, plan, (0,))
 
 
-def test_steep_scale_up_to_64_ranks_finishes_on_more_light_ranks() -> None:
-    """Zipf 1.5 from 48 to 64 ranks: the refinement on the three lightest ranks stalls just
-    below 0.99 (no single move onto them lowers the hottest rank); the finishing one, which
-    looks at more of them, gets past it."""
-    load = zipf_load(2, 256, 1.5, seed=0)
-    current = plan_placement(load, 48, 9)
-    plan = plan_rescale(current, load, 64)
-    assert_valid_plan(current, plan, ())
-    assert plan.stats["balancedness_after"] >= 0.99
-    assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
-
-
 def test_screening_refines_in_full_only_options_that_could_still_win() -> None:
     from eep_controller.planner.placement import layer_balancedness
     from eep_controller.planner.search import _retarget_options, _screen
 
-    load = zipf_load(2, 64, 1.5, seed=5)
-    current = plan_placement(load, 12, 10)
-    survivors = [r for r in range(12) if r not in choose_removed_ranks(current, load, 4)]
-    origin = current.by_rank()[:, survivors].copy()
+    load, origin = skewed_shrink(2)
     plans, kind, row = _retarget_options(origin, load)
     partners = np.ones(2, dtype=bool)
     big = np.iinfo(np.int64).max
@@ -318,21 +319,6 @@ def test_screening_refines_in_full_only_options_that_could_still_win() -> None:
     assert np.array_equal(mixed[1], cut[1])
 
 
-def _repeat_on_rank_zero(current: Placement) -> Placement:
-    """`current` with rank 0 of every layer holding its first expert twice: the first later
-    slot whose expert has another replica takes it (so no expert is lost)."""
-    phy = current.by_rank().copy()
-    counts = current.replica_counts()
-    for layer in range(phy.shape[0]):
-        for slot in range(1, phy.shape[2]):
-            if counts[layer, phy[layer, 0, slot]] >= 2:
-                phy[layer, 0, slot] = phy[layer, 0, 0]
-                break
-    return Placement(
-        phy.reshape(phy.shape[0], -1), current.slots_per_rank, num_experts=current.num_experts
-    )
-
-
 @pytest.mark.parametrize(
     ("experts", "slots", "old", "new", "skew", "seed"),
     [
@@ -348,7 +334,7 @@ def test_current_placement_repeating_an_expert_on_a_rank_gives_a_valid_plan(
     re-planned layers of such a layer are relabelled to keep experts in place: the repeated
     slot must count once, or an expert of the fresh plan has no slot left."""
     load = zipf_load(2, experts, skew, seed)
-    current = _repeat_on_rank_zero(plan_placement(load, old, slots))
+    current = repeat_on_rank_zero(plan_placement(load, old, slots))
     assert np.any(
         np.sort(current.by_rank()[:, 0], axis=1)[:, 1:]
         == np.sort(current.by_rank()[:, 0], axis=1)[:, :-1]
@@ -373,7 +359,7 @@ def test_any_current_placement_with_a_repeat_gives_a_valid_plan(
     least = -(-experts // slots)
     old = least + extra
     load = zipf_load(2, experts, skew, seed)
-    current = _repeat_on_rank_zero(plan_placement(load, old, slots))
+    current = repeat_on_rank_zero(plan_placement(load, old, slots))
     new = max(least, old + grow)
     plan = plan_rescale(current, load, new)
     assert_valid_placement(plan.placement, experts, new, slots)

@@ -1,0 +1,15 @@
+"""Rich consoles for the command-line tools."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+# Columns for output that is not a terminal (a pipe, a file, a CI log): rich's default there
+# is 80, which folds every table cell; a table takes only the width it needs, up to this.
+PIPE_WIDTH = 400
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that keeps a terminal's own width and gives a pipe PIPE_WIDTH columns."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)

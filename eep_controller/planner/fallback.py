@@ -1,0 +1,74 @@
+"""Re-planning from scratch the layers a rescale's search left badly balanced.
+
+Pure numpy. :func:`eep_controller.planner.rescale.plan_rescale` calls :func:`fallback` after
+:func:`eep_controller.planner.search.best_candidate`: a fresh plan, relabelled to keep as
+many experts in place as it can, replaces a layer where it balances clearly better, within a
+copy budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eep_controller.planner.packing import holdings, keep_in_place
+from eep_controller.planner.placement import layer_balancedness, plan_batch
+from eep_controller.planner.validation import FloatArray, IntArray
+
+# Layers still below this after the sticky plan are re-planned from scratch and relabelled,
+# and the fresh plan is kept when it balances better by more than FALLBACK_GAIN, within a
+# total of FALLBACK_BUDGET x the copy lower bound.
+FALLBACK_BELOW = 0.97
+FALLBACK_GAIN = 0.01
+FALLBACK_BUDGET = 3.0
+
+
+def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
+    """`fresh` [B, R, S] with its ranks re-ordered, and slots within a rank permuted, to
+    keep as many experts as possible where `origin` already has them (greedy matching of
+    ranks by overlap, then each kept expert back in its old slot).
+
+    The experts of `fresh` are distinct per rank; `origin` may repeat one on a rank (only
+    its first slot then counts as kept), so every expert of `fresh` is placed exactly once.
+    """
+    batch, ranks = fresh.shape[:2]
+    num_experts = int(max(fresh.max(), origin.max())) + 1
+    f_has = holdings(fresh, num_experts).astype(np.float32)
+    o_has = holdings(origin, num_experts).astype(np.float32)
+    score = np.einsum("bie,bje->bij", f_has, o_has)  # fresh rank i vs current rank j
+    rows = np.arange(batch)
+    # greedy matching, all layers at once: the pair of largest overlap first (first in
+    # row-major order on ties), then neither rank takes part again
+    source = np.empty((batch, ranks), dtype=np.int64)  # current rank j gets fresh rank i
+    for _ in range(ranks):
+        i, j = np.divmod(np.argmax(score.reshape(batch, -1), axis=1), ranks)
+        source[rows, j] = i
+        score[rows, i, :] = -1.0
+        score[rows, :, j] = -1.0
+    wanted = np.take_along_axis(fresh, source[:, :, None], axis=1)  # [B, R, S] per current rank
+    return keep_in_place(origin, wanted)
+
+
+def fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: int) -> None:
+    """Re-plan, in place, layers the sticky plan balanced below FALLBACK_BELOW, keeping a
+    fresh (relabelled) plan where it balances better, best gain per extra copy first, while
+    the total stays within FALLBACK_BUDGET x the copy lower bound."""
+    before = layer_balancedness(phy, weight)
+    weak = np.flatnonzero(before < FALLBACK_BELOW)
+    if weak.size == 0:
+        return
+    fresh = plan_batch(weight[weak], phy.shape[1], phy.shape[2])
+    gain = layer_balancedness(fresh, weight[weak]) - before[weak]
+    # relabelling changes copies, not balance: only layers the fresh plan helps need it
+    helps = gain > FALLBACK_GAIN
+    weak, fresh, gain = weak[helps], fresh[helps], gain[helps]
+    if weak.size == 0:
+        return
+    fresh = _relabel(fresh, origin[weak])
+    copies = (phy != origin).sum(axis=(1, 2))
+    extra = (fresh != origin[weak]).sum(axis=(1, 2)) - copies[weak]
+    budget = FALLBACK_BUDGET * max(lower_bound, 1) - int(copies.sum())
+    for k in np.lexsort((np.arange(weak.size), -gain / np.maximum(extra, 1))):
+        if gain[k] <= FALLBACK_GAIN or extra[k] > budget:
+            continue
+        phy[weak[k]] = fresh[k]
+        budget -= int(extra[k])
