@@ -11,7 +11,7 @@ import pytest
 
 from eep_controller.store import EmbeddedEtcd
 from tests.conftest import dump_sync
-from tests.e2e.cluster import Cluster, ProbeLoop, make_cluster
+from tests.e2e.cluster import LAYERS, Cluster, ProbeLoop, make_cluster
 from tests.support.processes import wait_for
 
 pytestmark = [pytest.mark.torch, pytest.mark.timeout(420)]
@@ -202,3 +202,43 @@ def test_etcd_restart_during_an_operation_ends_consistently(cluster: Cluster) ->
         assert api.get("/v1/deployments/moe").json()["active_operation"] is None
     result = cluster.probe(num_tokens=16, seed=8)
     assert result.ok and result.generation == cluster.layout().generation
+
+
+def test_every_serving_node_lost_waits_for_devices_then_reloads_from_the_checkpoint(
+    cluster: Cluster,
+) -> None:
+    """The only serving node dies: no live rank holds any expert. The recover waits (with an
+    event) until devices join, then loads every slot from the checkpoint onto them."""
+    cluster.start_controller()
+    cluster.start_agent("a")
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    assert {r.node_id for r in cluster.layout().ranks} == {"a"}
+    cluster.agents["a"].kill9()
+    waiting = wait_for(
+        lambda: [e for e in cluster.events() if e.type == "deployment.waiting"],
+        30,
+        interval=0.5,
+        what="the recover to wait for devices",
+    )
+    assert "lost" in waiting[0].message, waiting[0]
+    cluster.start_agent("c")
+
+    def recover_done() -> dict[str, object] | None:
+        with cluster.api() as api:
+            items = api.get("/v1/deployments/moe/operations").json()["items"]
+        rec = [o for o in items if o["kind"] == "recover"]
+        return rec[0] if rec and rec[0]["state"] in ("SUCCEEDED", "ABORTED") else None
+
+    recovered = wait_for(recover_done, 120, interval=0.5, what="the recover operation")
+    assert recovered["state"] == "SUCCEEDED", recovered
+    plan = recovered["plan"]
+    assert plan["to_dp"] == 2
+    # every slot of every layer came from the checkpoint: no live rank could send
+    assert plan["checkpoint_reloads"] == plan["copies"] == 2 * 4 * LAYERS
+    layout = cluster.layout()
+    assert {r.node_id for r in layout.ranks} == {"c"}
+    with cluster.api() as api:
+        placement = api.get("/v1/deployments/moe/layout").json()["placement"]
+    assert placement["experts_without_replica"] == 0
+    result = cluster.probe(num_tokens=32, seed=9)
+    assert result.ok and result.generation == layout.generation, result
