@@ -25,7 +25,7 @@ from eep_controller.planner.validation import BoolArray, FloatArray, IntArray
 # Gain (in mean rank loads) a swap must bring for each weight copy it adds.
 COPY_PENALTY = 0.005
 # A layer stops buying balance with copies once it balances this well.
-GOOD_ENOUGH = 0.991
+GOOD_ENOUGH = 0.9903
 REFINE_STEPS = 150
 LIGHT_RANKS = 3
 # A candidate plan balancing at least this well competes on copies alone.
@@ -35,7 +35,7 @@ CHOOSE_ABOVE = 0.99
 # `refine` allows at 9 slots per rank). A plan that stalls on LIGHT_RANKS often still has a
 # move onto a few more: Zipf 1.5 scaled from 48 to 64 ranks stalls at 0.988 on three and
 # gets past 0.99 on five, for ~2% more copies.
-FINISH_AT = 0.991
+FINISH_AT = 0.9903
 FINISH_DISCOUNT = 0.2
 FINISH_LIGHT_RANKS = 7
 # Layers the sticky plan balances at least this well skip the replica-count search when the

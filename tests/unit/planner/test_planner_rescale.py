@@ -296,10 +296,16 @@ def test_failure_on_few_ranks_with_many_slots_each() -> None:
     assert_valid_plan(current, plan, (0,))
 
 
-def test_screening_refines_in_full_only_options_that_could_still_win() -> None:
+def test_screening_refines_in_full_only_options_that_could_still_win(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eep_controller.planner import search
     from eep_controller.planner.placement import layer_balancedness
     from eep_controller.planner.search import _retarget_options, _screen
 
+    # a short screening, so the screened options stop below the full refinement's goal
+    monkeypatch.setattr(search, "SCREEN_FIRST", 2)
+    monkeypatch.setattr(search, "SCREEN_STAGES", ((2, 2),))
     load, origin = skewed_shrink(2)
     plans, kind, row = _retarget_options(origin, load)
     partners = np.ones(2, dtype=bool)
