@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from eep_controller.probe import ProbeClient, ProbeResult, write_synthetic
-from eep_controller.protocol import Event, Layout, NodeInfo
+from eep_controller.protocol import Event, GroupEndpoint, Layout, NodeInfo
 from eep_controller.store import EmbeddedEtcd, EtcdConnection, EtcdStore, KeySpace
 from tests.support.processes import Proc, start_agent, start_controller, wait_for
 
@@ -43,10 +43,14 @@ class Cluster:
         return proc
 
     def start_agent(
-        self, node_id: str, devices: int = 2, env: dict[str, str] | None = None
+        self,
+        node_id: str,
+        devices: int = 2,
+        env: dict[str, str] | None = None,
+        lease_ttl: int = 2,
     ) -> Proc:
         proc = start_agent(
-            self.etcd.endpoint, self.prefix, node_id, devices=f"cpu:{devices}", lease_ttl=2, env=env,
+            self.etcd.endpoint, self.prefix, node_id, devices=f"cpu:{devices}", lease_ttl=lease_ttl, env=env,
             extra=["--state-dir", str(self.checkpoint.parent / f"agent-{node_id}")],
         )  # fmt: skip
         self.agents[node_id] = proc
@@ -130,6 +134,19 @@ class Cluster:
                 got = await store.get(store.keys.layout(self.deployment), Layout)
                 assert got is not None
                 return got.value
+            finally:
+                await store.close()
+
+        return asyncio.run(go())
+
+    def rendezvous_published(self, op_id: str) -> bool:
+        """The standby world's rendezvous endpoint of `op_id` is in etcd (its host is up)."""
+
+        async def go() -> bool:
+            store = self._store()
+            try:
+                key = store.keys.rendezvous(self.deployment, op_id)
+                return await store.get(key, GroupEndpoint) is not None
             finally:
                 await store.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +121,35 @@ def test_cancel_during_transferring_aborts_and_keeps_serving(cluster: Cluster) -
     again = cluster.wait_op(cluster.scale(3)["id"], 120)
     assert again["state"] == "SUCCEEDED", again
     assert cluster.probe(num_tokens=16, seed=4).ok
+
+
+def test_a_cancel_in_preparing_frees_the_serving_workers_for_the_next_operation_at_once(
+    cluster: Cluster,
+) -> None:
+    """The joining node is paused, so the serving ranks wait in the standby rendezvous for
+    ranks that never come. A cancel must free them at once: they used to wait out the phase
+    deadline (60 s), and the next operation's PREPARING waited behind them."""
+    cluster.start_controller()
+    cluster.start_agent("a")
+    joining = cluster.start_agent("b", lease_ttl=30)  # paused below for longer than 2 s
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    assert {r.node_id for r in cluster.layout().ranks} == {"a"}
+    joining.signal(signal.SIGSTOP)
+    try:
+        op = cluster.scale(4)
+        wait_for(lambda: cluster.rendezvous_published(op["id"]), 30, what="the rendezvous host")
+        time.sleep(0.5)  # the serving ranks are in the rendezvous now
+        with cluster.api() as api:
+            assert api.post(f"/v1/operations/{op['id']}/cancel").status_code == 202
+        done = cluster.wait_op(op["id"], 30)
+        assert done["state"] == "ABORTED" and "cancel" in done["error"], done
+    finally:
+        joining.signal(signal.SIGCONT)
+    again = cluster.wait_op(cluster.scale(3)["id"], 120)
+    assert again["state"] == "SUCCEEDED", again
+    preparing = next(h for h in again["history"] if h["phase"] == "PREPARING")
+    assert preparing["ended_at"] - preparing["started_at"] < 20, again["history"]
+    assert cluster.probe(num_tokens=16, seed=10).ok
 
 
 def test_agent_killed_during_transferring_aborts_then_recovers(cluster: Cluster) -> None:

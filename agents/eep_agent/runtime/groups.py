@@ -14,6 +14,8 @@ import datetime
 import gc
 import logging
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,8 +29,19 @@ Backend = Literal["gloo", "nccl", "hccl"]
 BACKEND_BY_DEVICE: dict[str, Backend] = {"cpu": "gloo", "gpu": "nccl", "npu": "hccl"}
 
 
+# How often a rank waiting for the rendezvous host or for the other ranks checks whether it
+# should give up, and how long one plain TCP probe of the host may take.
+ARRIVAL_POLL_S = 0.05
+CONNECT_ATTEMPT_S = 1.0
+ARRIVED_KEY = "eep-arrived"
+
+
 class UnsupportedBackend(ValueError):
     """The device kind has no process-group backend eep knows how to build."""
+
+
+class JoinCancelled(RuntimeError):
+    """The caller gave up on a group (its operation ended) before every rank had joined."""
 
 
 def backend_for(device_kind: str) -> Backend:
@@ -133,23 +146,25 @@ class StatelessGroup:
         device: torch.device,
         timeout_s: float,
         server: RendezvousServer | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> StatelessGroup:
-        """Rendezvous at ``address`` as ``rank``; blocks until every rank has joined or ``timeout_s``."""
+        """Rendezvous at ``address`` as ``rank``; blocks until every rank has joined.
+
+        Raises TimeoutError (naming the ranks missing) after ``timeout_s``, and JoinCancelled
+        as soon as ``cancelled()`` is true while ranks are still missing: a worker whose
+        operation was aborted must not sit in a dead rendezvous until the deadline, with the
+        next operation's commands queued behind it."""
         if not 0 <= rank < address.world_size:
             raise ValueError(f"rank {rank} is outside a world of {address.world_size}")
         timeout = _timedelta(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        give_up = cancelled if cancelled is not None else (lambda: False)
         if server is not None and server.store is not None:
             base: Any = server.store
         else:
-            base = TCPStore(
-                address.host,
-                address.port,
-                address.world_size,
-                False,
-                timeout=timeout,
-                use_libuv=False,
-            )
+            base = _connect(address, timeout, deadline, give_up)
         store = PrefixStore(address.prefix, base)
+        _await_arrivals(store, rank, address.world_size, deadline, give_up, address.prefix)
         impl = _make_backend(address.backend, store, rank, address.world_size, timeout, device)
         return cls(
             impl,
@@ -200,6 +215,63 @@ class StatelessGroup:
             self._server.close()
             self._server = None
         gc.collect()
+
+
+def _connect(
+    address: GroupAddress,
+    timeout: datetime.timedelta,
+    deadline: float,
+    cancelled: Callable[[], bool],
+) -> Any:
+    """A TCPStore client of the rendezvous host; its operations time out after ``timeout``.
+
+    The host is first probed with plain TCP connects, so a cancel is noticed while it is not
+    listening yet (or any more); torch's own connect retries until its timeout and logs a
+    stack trace for every failed try."""
+    while True:
+        try:
+            with socket.create_connection((address.host, address.port), timeout=CONNECT_ATTEMPT_S):
+                break
+        except OSError:
+            if cancelled():
+                raise JoinCancelled(f"group {address.prefix}: cancelled while connecting") from None
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"group {address.prefix}: rendezvous host {address.host}:{address.port} "
+                    "was not reachable in time"
+                ) from None
+            time.sleep(ARRIVAL_POLL_S)
+    base = TCPStore(
+        address.host,
+        address.port,
+        address.world_size,
+        False,
+        timeout=_timedelta(deadline - time.monotonic()),
+        use_libuv=False,
+    )
+    base.set_timeout(timeout)
+    return base
+
+
+def _await_arrivals(
+    store: Any,
+    rank: int,
+    size: int,
+    deadline: float,
+    cancelled: Callable[[], bool],
+    prefix: str,
+) -> None:
+    """Mark ``rank`` as arrived and poll until all ``size`` ranks have, so the backend's own
+    rendezvous (which cannot be interrupted) starts only once every rank is there."""
+    store.set(f"{ARRIVED_KEY}/{rank}", "1")
+    keys = [f"{ARRIVED_KEY}/{r}" for r in range(size)]
+    while not store.check(keys):
+        if cancelled():
+            raise JoinCancelled(f"group {prefix}: cancelled while waiting for the other ranks")
+        if time.monotonic() >= deadline:
+            missing = [r for r in range(size) if not store.check([f"{ARRIVED_KEY}/{r}"])]
+            raise TimeoutError(f"group {prefix}: ranks {missing} did not join in time")
+        time.sleep(ARRIVAL_POLL_S)
 
 
 def _make_backend(

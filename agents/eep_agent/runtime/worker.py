@@ -56,7 +56,13 @@ from eep_agent.runtime.commands import (
     WorkerStats,
 )
 from eep_agent.runtime.expert_store import ExpertStore, StaleExperts
-from eep_agent.runtime.groups import RendezvousServer, StatelessGroup, backend_for, torch_device
+from eep_agent.runtime.groups import (
+    JoinCancelled,
+    RendezvousServer,
+    StatelessGroup,
+    backend_for,
+    torch_device,
+)
 from eep_agent.runtime.moves import MoveKind
 from eep_agent.runtime.transfer import CorruptionSpec, execute_moves
 
@@ -235,13 +241,19 @@ class Worker:
             if self.standby is not None and self.standby[0] == command.op_id:
                 return 0.0
         started = time.monotonic()
-        group = StatelessGroup.join(
-            command.address,
-            command.rank,
-            device=self.device,
-            timeout_s=command.timeout_s,
-            server=self.servers.get(command.op_id),
-        )
+        try:
+            group = StatelessGroup.join(
+                command.address,
+                command.rank,
+                device=self.device,
+                timeout_s=command.timeout_s,
+                server=self.servers.get(command.op_id),
+                cancelled=lambda: command.op_id in self.aborted,
+            )
+        except JoinCancelled:
+            raise CommandFailed(
+                f"operation {command.op_id} was aborted while its group was built"
+            ) from None
         try:
             group.warm_up(self.device, max(0.001, command.timeout_s - (time.monotonic() - started)))
         except Exception:

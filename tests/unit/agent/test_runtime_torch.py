@@ -24,6 +24,7 @@ from eep_agent.runtime.checksum import tensor_checksum  # noqa: E402
 from eep_agent.runtime.expert_store import ExpertShape, ExpertStore, ExpertWeights, StaleExperts  # noqa: E402
 from eep_agent.runtime.groups import (  # noqa: E402
     GroupAddress,
+    JoinCancelled,
     RendezvousServer,
     StatelessGroup,
     UnsupportedBackend,
@@ -154,6 +155,53 @@ def test_two_groups_over_the_same_ranks_work_side_by_side_and_destroy_frees_thei
     while len(os.listdir("/proc/self/fd")) > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def _cancelled_after(seconds: float) -> Callable[[], bool]:
+    at = time.monotonic() + seconds
+    return lambda: time.monotonic() >= at
+
+
+def test_a_rank_waiting_for_peers_that_never_come_gives_up_as_soon_as_it_is_cancelled() -> None:
+    """An operation aborted in PREPARING left its live workers in the standby rendezvous until
+    the phase deadline (60 s in a soak run), with the next operation queued behind them."""
+    server = RendezvousServer("127.0.0.1", 2, 30.0)
+    address = GroupAddress("127.0.0.1", server.port, "gloo", 2, "abandoned")
+    started = time.monotonic()
+    with pytest.raises(JoinCancelled, match="waiting for the other ranks"):
+        StatelessGroup.join(
+            address, 0, device=CPU, timeout_s=30.0, server=server, cancelled=_cancelled_after(0.3)
+        )
+    assert time.monotonic() - started < 5.0
+    server.close()
+
+
+def test_a_rank_whose_rendezvous_host_is_not_listening_gives_up_when_cancelled() -> None:
+    free = RendezvousServer("127.0.0.1", 2, 1.0)
+    port = free.port
+    free.close()  # nobody listens there any more
+    address = GroupAddress("127.0.0.1", port, "gloo", 2, "hostless")
+    started = time.monotonic()
+    with pytest.raises(JoinCancelled, match="connecting"):
+        StatelessGroup.join(address, 1, device=CPU, timeout_s=30.0, cancelled=_cancelled_after(0.3))
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_rendezvous_that_times_out_names_the_ranks_that_never_joined() -> None:
+    server = RendezvousServer("127.0.0.1", 3, 10.0)
+    address = GroupAddress("127.0.0.1", server.port, "gloo", 3, "short")
+
+    def join(rank: int) -> str:
+        try:
+            StatelessGroup.join(
+                address, rank, device=CPU, timeout_s=1.0, server=server if rank == 0 else None
+            )
+        except TimeoutError as exc:
+            return str(exc)
+        return "joined"
+
+    assert on_two_ranks(join) == ["group short: ranks [2] did not join in time"] * 2
+    server.close()
 
 
 # ---------------------------------------------------------------------------- transfers
