@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -182,6 +183,36 @@ def test_agent_killed_during_transferring_aborts_then_recovers(cluster: Cluster)
     assert placement["experts_without_replica"] == 0
     result = cluster.probe(num_tokens=32, seed=5)
     assert result.ok and result.generation == layout.generation, result
+
+
+def test_each_of_several_node_losses_in_a_row_is_recovered_promptly(cluster: Cluster) -> None:
+    """Each loss takes the node holding every rank; the node comes back empty after its
+    recover. Every operation the controller starts on its own raises its backoff, and only
+    a success clears it: without that, each later recover waits longer to start (8, 16,
+    32 s, ...) while the deployment has no live rank."""
+    cluster.start_controller()
+    cluster.start_agent("a")
+    cluster.bring_up(initial_dp=2, max_dp=4)
+    cluster.start_agent("b")
+    recovered: set[str] = set()
+    for _ in range(4):
+        (holder,) = {r.node_id for r in cluster.layout().ranks}
+        cluster.agents[holder].kill9()
+        killed_at = time.time()
+
+        def recover_done() -> dict[str, Any] | None:
+            with cluster.api() as api:
+                items = api.get("/v1/deployments/moe/operations").json()["items"]
+            rec = [o for o in items if o["kind"] == "recover" and o["id"] not in recovered]
+            return rec[0] if rec and rec[0]["state"] in ("SUCCEEDED", "ABORTED") else None
+
+        op = wait_for(recover_done, 90, interval=0.3, what="the recover operation")
+        recovered.add(str(op["id"]))
+        assert op["state"] == "SUCCEEDED", op
+        # lease expiry (2 s) and a reconcile pass, not a growing backoff
+        assert op["created_at"] - killed_at < 10, op["created_at"] - killed_at
+        cluster.start_agent(holder)  # the node comes back, free for the next round
+    assert cluster.probe(num_tokens=16, seed=11).ok
 
 
 def test_controller_killed_mid_operation_ends_it_exactly_once_after_restart(
