@@ -351,7 +351,10 @@ class OpDriver:
             if handle is None:
                 continue
             if p.joining:
-                await self.pool.stop(op.deployment, p.device_index)
+                # only the worker started for this op: a newer op may have started its own
+                # on the device while this abort went through the participants before it
+                if handle.record.op_id == op.id:
+                    await self.pool.stop(op.deployment, p.device_index, handle)
                 continue
             handle.record.draining = False
             if handle.record.op_id == op.id:

@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from eep_agent.op_driver import OpDriver, fenced
+from eep_agent.worker_pool import WorkerHandle
 from eep_controller.protocol import ACKED_PHASES, Operation, OpState
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class NodeReconciler:
         for handle in self.pool.all():
             d = handle.identity.deployment
             if d not in deployments or self.view.spec(d) is None:
-                self._stop(d, handle.identity.device_index, "its deployment is gone")
+                self._stop(d, handle, "its deployment is gone")
 
     def _mine(self, op: Operation) -> list[int]:
         if op.plan is None:
@@ -123,7 +124,7 @@ class NodeReconciler:
                 continue
             if index not in committed:
                 self._stop(
-                    deployment, index, "it holds no committed rank and takes part in no operation"
+                    deployment, handle, "it holds no committed rank and takes part in no operation"
                 )
             elif not handle.alive:
                 self._restart(deployment, index)
@@ -148,11 +149,16 @@ class NodeReconciler:
             with contextlib.suppress(Exception):
                 await handle.call(Abort(op_id), 60.0)
 
-    def _stop(self, deployment: str, index: int, why: str) -> None:
+    def _stop(self, deployment: str, handle: WorkerHandle, why: str) -> None:
+        index = handle.identity.device_index
         if self.busy(deployment, index):
             return
         log.info("stopping worker %s/%d: %s", deployment, index, why)
-        self._spawn(("stop", deployment, index), self.pool.stop(deployment, index))
+        # out of the pool now, not when the task runs: an operation starting a worker on
+        # the device meanwhile must neither reuse this one nor have its own stopped
+        victim = self.pool.detach(deployment, index, handle)
+        if victim is not None:
+            self._spawn(("stop", deployment, index), asyncio.to_thread(victim.stop))
 
     def _restart(self, deployment: str, index: int) -> None:
         key = (deployment, index)
@@ -173,7 +179,7 @@ class NodeReconciler:
     async def _restart_task(self, deployment: str, index: int) -> None:
         handle = self.pool.get(deployment, index)
         if handle is not None and not handle.alive:
-            await self.pool.stop(deployment, index)
+            await self.pool.stop(deployment, index, handle)
         await self.driver.load_committed(deployment, index)
 
     async def shutdown(self) -> None:

@@ -95,6 +95,7 @@ class WorkerHandle:
         self._send_lock = threading.Lock()
         self._ready: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._closed = False
+        self._stopped = False
         self._reader = threading.Thread(
             target=self._read_replies,
             name=f"eep-worker-reader-{identity.device_index}",
@@ -108,11 +109,15 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        return self.process.is_alive() and not self._closed
+        # a worker being stopped is not alive for anyone (its process object is closed after)
+        return not self._stopped and not self._closed and self.process.is_alive()
 
     @property
     def exitcode(self) -> int | None:
-        return self.process.exitcode
+        try:
+            return self.process.exitcode
+        except ValueError:  # stopped: the process object is closed
+            return None
 
     def _read_replies(self) -> None:
         while True:
@@ -194,7 +199,11 @@ class WorkerHandle:
             ) from None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the worker to stop; terminate, then kill, if it does not. Blocking; joins the reader."""
+        """Ask the worker to stop; terminate, then kill, if it does not. Blocking; joins the
+        reader. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.process.is_alive():
             future = self.submit(Stop())
             with contextlib.suppress(Exception):
@@ -234,7 +243,7 @@ class WorkerPool:
         if old is not None and old.alive:
             return old
         if old is not None:
-            await self.stop(identity.deployment, identity.device_index)
+            await self.stop(identity.deployment, identity.device_index, old)
         started = time.monotonic()
         handle = await asyncio.to_thread(WorkerHandle, identity, self.log_level)
         self._workers[key] = handle
@@ -245,10 +254,28 @@ class WorkerPool:
         )  # fmt: skip
         return handle
 
-    async def stop(self, deployment: str, device_index: int) -> None:
-        handle = self._workers.pop((deployment, device_index), None)
-        if handle is not None:
-            await asyncio.to_thread(handle.stop)
+    def detach(
+        self, deployment: str, device_index: int, handle: WorkerHandle | None = None
+    ) -> WorkerHandle | None:
+        """Take the worker of (deployment, device) out of the pool and return it, to be
+        stopped. With ``handle``, that worker only: one started since in its place (for a
+        newer operation) stays in the pool. Synchronous, so no other task can take a worker
+        between the decision to stop it and its removal."""
+        key = (deployment, device_index)
+        current = self._workers.get(key)
+        if handle is None:
+            handle = current
+        if handle is not None and handle is current:
+            del self._workers[key]
+        return handle
+
+    async def stop(
+        self, deployment: str, device_index: int, handle: WorkerHandle | None = None
+    ) -> None:
+        """Stop the worker of (deployment, device), or only ``handle`` (see `detach`)."""
+        victim = self.detach(deployment, device_index, handle)
+        if victim is not None:
+            await asyncio.to_thread(victim.stop)
 
     async def stop_all(self) -> None:
         handles = list(self._workers.items())

@@ -250,6 +250,47 @@ class ContractDriver:
         await self.store.put(self.keys.op(self.d, op.id), op)
         return op
 
+    async def new_op(
+        self,
+        new_ranks: Sequence[Rank],
+        placement: np.ndarray[Any, Any],
+        *,
+        world: str | None = None,
+        dead: Sequence[Rank] = (),
+        drain_timeout_s: float = 5.0,
+    ) -> Operation:
+        """An operation record (PLANNED, not written) from the committed layout to
+        ``new_ranks`` / ``placement``."""
+        old = await self.layout()
+        g = old.generation if old is not None else 0
+        grows = old is None or len(new_ranks) >= len(old.ranks)
+        world = world or ("standby" if grows else "active")
+        plan = simple_plan(
+            old, new_ranks, placement, self.spec.slots_per_rank, world=world, dead=dead
+        )
+        now = time.time()
+        return Operation(
+            id=f"op-{uuid.uuid4().hex[:10]}",
+            deployment=self.d,
+            kind=OpKind.SCALE_UP if grows else OpKind.SCALE_DOWN,
+            from_generation=g,
+            to_generation=g + 1,
+            request=ScaleRequest(dp_size=len(new_ranks), drain_timeout_s=drain_timeout_s),
+            plan=plan,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def advance(self, op: Operation, state: OpState, deadline_s: float = 60.0) -> Operation:
+        """Write ``op`` in ``state`` (a phase before the commit point, or ABORTED)."""
+        return await self._write(op, state, deadline_s)
+
+    async def phase_acks(
+        self, op: Operation, phase: OpState, deadline_s: float = 60.0
+    ) -> dict[int, Ack]:
+        """Every participant's ack of ``phase``, or those in by the deadline."""
+        return await self._wait_acks(op, phase, deadline_s)
+
     async def run_op(
         self,
         new_ranks: Sequence[Rank],
@@ -267,25 +308,11 @@ class ContractDriver:
         ``during(phase, op)`` runs while the agents work on a phase; ``after(phase, op)``
         once every participant acked it ok. A failed or missing ack aborts before SWITCHING.
         """
-        old = await self.layout()
-        g = old.generation if old is not None else 0
-        grows = old is None or len(new_ranks) >= len(old.ranks)
-        world = world or ("standby" if grows else "active")
-        plan = simple_plan(
-            old, new_ranks, placement, self.spec.slots_per_rank, world=world, dead=dead
+        op = await self.new_op(
+            new_ranks, placement, world=world, dead=dead, drain_timeout_s=drain_timeout_s
         )
-        now = time.time()
-        op = Operation(
-            id=f"op-{uuid.uuid4().hex[:10]}",
-            deployment=self.d,
-            kind=OpKind.SCALE_UP if grows else OpKind.SCALE_DOWN,
-            from_generation=g,
-            to_generation=g + 1,
-            request=ScaleRequest(dp_size=len(new_ranks), drain_timeout_s=drain_timeout_s),
-            plan=plan,
-            created_at=now,
-            updated_at=now,
-        )
+        assert op.plan is not None
+        plan = op.plan
         outcome = OpOutcome(op)
         started = time.monotonic()
         await self.store.put(self.keys.op(self.d, op.id), op)

@@ -7,6 +7,7 @@ the controller through :class:`ContractDriver`.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -101,3 +102,42 @@ async def test_standby_worlds_of_3_and_6_ranks_are_built_beside_a_serving_4_rank
         assert result.ok, result
         assert result.generation == old_generation + 1
         assert result.max_abs_err <= 1e-5
+
+
+async def test_an_abort_leaves_alone_a_worker_a_newer_operation_started_on_the_same_device(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    """X grows onto three devices of node b and is aborted; Y, written with the abort,
+    grows onto b's third device again. Undoing X stops its joining workers one at a time,
+    and by the time it came to that device the worker there was Y's: it was stopped, and Y
+    failed its PREPARING (a soak run hit this when a recover followed an aborted scale-up)."""
+    driver = small_driver
+    agents.append(start_agent(etcd, prefix, "a", 2))
+    agents.append(start_agent(etcd, prefix, "b", 3))
+    two = ranks(("a", 0), ("a", 1))
+    assert (await driver.run_op(two, placement(driver, 2))).state is OpState.SUCCEEDED
+    grown = ranks(("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2))
+    x = await driver.new_op(grown, placement(driver, 5))
+    await driver.store.put(driver.keys.op(driver.d, x.id), x)
+    x = await driver.advance(x, OpState.PREPARING)
+    acks = await driver.phase_acks(x, OpState.PREPARING)
+    assert len(acks) == 5 and all(a.status is AckStatus.OK for a in acks.values()), acks
+    y = await driver.new_op(ranks(("a", 0), ("a", 1), ("b", 2)), placement(driver, 3, shift=1))
+    now = time.time()
+    x = x.model_copy(update={"state": OpState.ABORTED, "updated_at": now})
+    y = y.model_copy(
+        update={"state": OpState.PREPARING, "updated_at": now, "phase_deadline_at": now + 60}
+    )
+    # one transaction, as when a recover follows an abort at once
+    txn = driver.store.txn()
+    driver.store.put_op(txn, driver.keys.op(driver.d, x.id), x)
+    driver.store.put_op(txn, driver.keys.op(driver.d, y.id), y)
+    assert await driver.store.commit(txn)
+    acks = await driver.phase_acks(y, OpState.PREPARING)
+    assert len(acks) == 3, acks
+    assert all(a.status is AckStatus.OK for a in acks.values()), {
+        i: a.reason for i, a in acks.items()
+    }
+    await driver.advance(y, OpState.ABORTED)
+    result = await driver.probe(num_tokens=8, seed=3)
+    assert result.ok and result.generation == 1, result
