@@ -1,0 +1,179 @@
+"""A soak run: random scales, cancels, agent kills and controller restarts on a whole cluster.
+
+Not collected by pytest (it runs for minutes); run it by hand, with a seed to replay:
+
+    .venv/bin/python -m tests.e2e.soak --seed 3 --steps 25
+
+After every step, once the cluster has settled, it checks what must hold whatever happened:
+every committed rank is on a live node, no expert is without a replica, every operation has
+ended with exactly one terminal event (and a commit event only if it succeeded), and the
+probe's MoE output is exact on the committed generation. Operations slower than 20 s are
+reported. On a violation it writes every process's output next to the cluster's files and
+exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from eep_controller.store import EmbeddedEtcd
+from tests.e2e.cluster import Cluster, make_cluster
+from tests.support.processes import Proc, wait_for
+
+NODES = ("a", "b", "c", "d")
+ACTIONS = ("scale", "cancel", "kill_mid", "kill_idle", "revive", "ctl_restart")
+SLOW_TRANSFERS = {"EEP_TEST_TRANSFER_ROUND_PAUSE_S": "0.15"}
+SLOW_OP_S = 20.0
+
+
+class Soak:
+    def __init__(self, cluster: Cluster, tmp: Path, seed: int) -> None:
+        self.c = cluster
+        self.tmp = tmp
+        self.rng = random.Random(seed)
+        self.procs: list[tuple[str, Proc]] = []
+        self.slow: set[str] = set()
+
+    def say(self, *parts: object) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+    def start_agent(self, node: str) -> None:
+        self.procs.append(
+            (f"agent-{node}-{len(self.procs)}", self.c.start_agent(node, env=SLOW_TRANSFERS))
+        )
+
+    def restart_controller(self, name: str) -> None:
+        self.procs.append((f"controller-{name}", self.c.start_controller(name)))
+
+    def dump(self) -> None:
+        for name, proc in self.procs:
+            (self.tmp / f"{name}.log").write_text(proc.output())
+        self.say("process outputs written to", self.tmp)
+
+    def get(self, path: str) -> Any:
+        with httpx.Client(base_url=self.c.url, timeout=30) as api:
+            return api.get(path).json()
+
+    def live_nodes(self) -> set[str]:
+        return {n["node_id"] for n in self.get("/v1/nodes")["items"]}
+
+    def settled(self) -> bool:
+        if self.get("/v1/deployments/moe")["active_operation"] is not None:
+            return False
+        return {r.node_id for r in self.c.layout().ranks} <= self.live_nodes()
+
+    def check(self, tag: str) -> None:
+        time.sleep(3.5)  # a killed agent's lease expires and the leader notices
+        wait_for(self.settled, 120, interval=0.5, what=f"the cluster to settle after {tag}")
+        layout = self.c.layout()
+        placement = self.get("/v1/deployments/moe/layout")["placement"]
+        ops = self.get("/v1/deployments/moe/operations?limit=200")["items"]
+        assert placement["experts_without_replica"] == 0, (tag, placement)
+        events = self.c.events()
+        for op in ops:
+            assert op["state"] in ("SUCCEEDED", "ABORTED"), (tag, op["id"], op["state"])
+            mine = [e.type for e in events if e.op_id == op["id"]]
+            ended = sum(t in ("operation.succeeded", "operation.aborted") for t in mine)
+            committed = mine.count("operation.committed")
+            assert ended == 1, (tag, op["id"], mine)
+            assert committed == (op["state"] == "SUCCEEDED"), (tag, op["id"], mine)
+            took = op["updated_at"] - op["created_at"]
+            if took > SLOW_OP_S and op["id"] not in self.slow:
+                self.slow.add(op["id"])
+                phases = [
+                    (h["phase"], round((h.get("ended_at") or 0) - h["started_at"], 1))
+                    for h in op["history"]
+                ]
+                self.say(
+                    "SLOW",
+                    op["id"],
+                    op["kind"],
+                    op["state"],
+                    round(took, 1),
+                    phases,
+                    op.get("error"),
+                )
+        probe = self.c.probe(num_tokens=16, seed=self.rng.randrange(10**6))
+        assert probe.ok and probe.generation == layout.generation, (tag, probe)
+        nodes = sorted({r.node_id for r in layout.ranks})
+        self.say(f"ok after {tag}: generation {layout.generation}, dp {layout.dp_size} on {nodes}")
+
+    def step(self, i: int) -> None:
+        live = [n for n in NODES if n in self.c.agents and self.c.agents[n].alive()]
+        dead = [n for n in NODES if n not in live]
+        action = self.rng.choice(ACTIONS)
+        if len(live) < 3 and dead and self.rng.random() < 0.6:
+            action = "revive"
+        dp = self.c.layout().dp_size
+        target = self.rng.choice([d for d in range(2, 7) if d != dp])
+        self.say(f"#{i} {action} (dp {dp}, target {target}, live {live})")
+        if action == "revive":
+            if dead:
+                self.start_agent(self.rng.choice(dead))
+        elif action == "kill_idle":
+            if len(live) > 1:
+                self.c.agents[self.rng.choice(live)].kill9()
+        else:
+            with httpx.Client(base_url=self.c.url, timeout=30) as api:
+                r = api.post("/v1/deployments/moe/scale", json={"dp_size": target})
+            if r.status_code != 202:
+                self.say("  refused:", r.status_code, r.json().get("detail"))
+            else:
+                op_id = r.json()["id"]
+                time.sleep(self.rng.uniform(0, 2.5))
+                if action == "cancel":
+                    with httpx.Client(base_url=self.c.url, timeout=30) as api:
+                        self.say(
+                            "  cancel:", api.post(f"/v1/operations/{op_id}/cancel").status_code
+                        )
+                elif action == "kill_mid" and len(live) > 1:
+                    victim = self.rng.choice(live)
+                    self.say("  kill", victim)
+                    self.c.agents[victim].kill9()
+                elif action == "ctl_restart":
+                    self.c.controllers[-1].kill9()
+                    self.restart_controller(f"c{i}")
+                done = self.c.wait_op(op_id, 180)
+                self.say("  op", done["state"], done.get("error") or "")
+        self.check(f"#{i} {action}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="eep-soak-"))
+    etcd = EmbeddedEtcd(tmp / "etcd")
+    etcd.start()
+    cluster = make_cluster(etcd, tmp)
+    soak = Soak(cluster, tmp, args.seed)
+    try:
+        soak.restart_controller("c")
+        for node in NODES[:3]:
+            soak.start_agent(node)
+        cluster.bring_up(initial_dp=2, max_dp=6)
+        soak.check("bring-up")
+        for i in range(args.steps):
+            soak.step(i)
+    except Exception as exc:
+        soak.say("SOAK FAILED:", repr(exc))
+        soak.dump()
+        return 1
+    finally:
+        cluster.stop()
+        etcd.stop()
+    soak.say(f"SOAK PASSED: seed {args.seed}, {args.steps} steps, {len(soak.slow)} slow operations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
