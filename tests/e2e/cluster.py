@@ -189,6 +189,13 @@ class Cluster:
         return asyncio.run(go())
 
 
+def commit_counts(events: list[Event], op_id: str) -> tuple[int, int]:
+    """How many commit events and how many end events (succeeded or aborted) `op_id` has."""
+    mine = [e.type for e in events if e.op_id == op_id]
+    ended = sum(t in ("operation.succeeded", "operation.aborted") for t in mine)
+    return mine.count("operation.committed"), ended
+
+
 def make_cluster(etcd: EmbeddedEtcd, tmp: Path) -> Cluster:
     ckpt = tmp / "checkpoint"
     write_synthetic(

@@ -22,10 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from eep_controller.store import EmbeddedEtcd
-from tests.e2e.cluster import Cluster, make_cluster
+from tests.e2e.cluster import Cluster, commit_counts, make_cluster
 from tests.support.processes import Proc, wait_for
 
 NODES = ("a", "b", "c", "d")
@@ -59,7 +57,7 @@ class Soak:
         self.say("process outputs written to", self.tmp)
 
     def get(self, path: str) -> Any:
-        with httpx.Client(base_url=self.c.url, timeout=30) as api:
+        with self.c.api() as api:
             return api.get(path).json()
 
     def live_nodes(self) -> set[str]:
@@ -80,11 +78,9 @@ class Soak:
         events = self.c.events()
         for op in ops:
             assert op["state"] in ("SUCCEEDED", "ABORTED"), (tag, op["id"], op["state"])
-            mine = [e.type for e in events if e.op_id == op["id"]]
-            ended = sum(t in ("operation.succeeded", "operation.aborted") for t in mine)
-            committed = mine.count("operation.committed")
-            assert ended == 1, (tag, op["id"], mine)
-            assert committed == (op["state"] == "SUCCEEDED"), (tag, op["id"], mine)
+            committed, ended = commit_counts(events, op["id"])
+            assert ended == 1, (tag, op["id"], committed, ended)
+            assert committed == (op["state"] == "SUCCEEDED"), (tag, op["id"], committed, ended)
             took = op["updated_at"] - op["created_at"]
             if took > SLOW_OP_S and op["id"] not in self.slow:
                 self.slow.add(op["id"])
@@ -122,7 +118,7 @@ class Soak:
             if len(live) > 1:
                 self.c.agents[self.rng.choice(live)].kill9()
         else:
-            with httpx.Client(base_url=self.c.url, timeout=30) as api:
+            with self.c.api() as api:
                 r = api.post("/v1/deployments/moe/scale", json={"dp_size": target})
             if r.status_code != 202:
                 self.say("  refused:", r.status_code, r.json().get("detail"))
@@ -130,7 +126,7 @@ class Soak:
                 op_id = r.json()["id"]
                 time.sleep(self.rng.uniform(0, 2.5))
                 if action == "cancel":
-                    with httpx.Client(base_url=self.c.url, timeout=30) as api:
+                    with self.c.api() as api:
                         self.say(
                             "  cancel:", api.post(f"/v1/operations/{op_id}/cancel").status_code
                         )

@@ -14,7 +14,14 @@ import pytest
 
 from eep_controller.store import EmbeddedEtcd
 from tests.conftest import dump_sync
-from tests.e2e.cluster import LAYERS, Cluster, ProbeLoop, make_cluster
+from tests.e2e.cluster import (
+    LAYERS,
+    TERMINAL,
+    Cluster,
+    ProbeLoop,
+    commit_counts,
+    make_cluster,
+)
 from tests.support.processes import wait_for
 
 pytestmark = [pytest.mark.torch, pytest.mark.timeout(420)]
@@ -29,15 +36,16 @@ def cluster(private_etcd: EmbeddedEtcd, tmp_path: Path) -> Iterator[Cluster]:
     c.stop()
 
 
-def _committed_events(cluster: Cluster, op_id: str) -> tuple[int, int]:
-    events = [e for e in cluster.events() if e.op_id == op_id]
-    committed = sum(e.type == "operation.committed" for e in events)
-    finished = sum(e.type in ("operation.succeeded", "operation.aborted") for e in events)
-    return committed, finished
+def _ended_recover(cluster: Cluster, seen: set[str] | None = None) -> dict[str, Any] | None:
+    """The newest recover operation not in `seen`, once it has ended; else None."""
+    with cluster.api() as api:
+        items = api.get("/v1/deployments/moe/operations").json()["items"]
+    rec = [o for o in items if o["kind"] == "recover" and o["id"] not in (seen or set())]
+    return rec[0] if rec and rec[0]["state"] in TERMINAL else None
 
 
 def _assert_exactly_once(cluster: Cluster, op: dict[str, object], generation_before: int) -> None:
-    committed, finished = _committed_events(cluster, str(op["id"]))
+    committed, finished = commit_counts(cluster.events(), str(op["id"]))
     assert finished == 1
     layout = cluster.layout()
     if op["state"] == "SUCCEEDED":
@@ -167,13 +175,9 @@ def test_agent_killed_during_transferring_aborts_then_recovers(cluster: Cluster)
     assert done["updated_at"] - done["history"][-1]["started_at"] <= 30  # within the phase deadline
     _assert_exactly_once(cluster, done, 1)
 
-    def recover_done() -> dict[str, object] | None:
-        with cluster.api() as api:
-            items = api.get("/v1/deployments/moe/operations").json()["items"]
-        rec = [o for o in items if o["kind"] == "recover"]
-        return rec[0] if rec and rec[0]["state"] in ("SUCCEEDED", "ABORTED") else None
-
-    recovered = wait_for(recover_done, 120, interval=0.5, what="the recover operation")
+    recovered = wait_for(
+        lambda: _ended_recover(cluster), 120, interval=0.5, what="the recover operation"
+    )
     assert recovered["state"] == "SUCCEEDED", recovered
     assert recovered["request"]["reason"] == "node_lost"
     layout = cluster.layout()
@@ -200,13 +204,9 @@ def test_each_of_several_node_losses_in_a_row_is_recovered_promptly(cluster: Clu
         cluster.agents[holder].kill9()
         killed_at = time.time()
 
-        def recover_done() -> dict[str, Any] | None:
-            with cluster.api() as api:
-                items = api.get("/v1/deployments/moe/operations").json()["items"]
-            rec = [o for o in items if o["kind"] == "recover" and o["id"] not in recovered]
-            return rec[0] if rec and rec[0]["state"] in ("SUCCEEDED", "ABORTED") else None
-
-        op = wait_for(recover_done, 90, interval=0.3, what="the recover operation")
+        op = wait_for(
+            lambda: _ended_recover(cluster, recovered), 90, interval=0.3, what="the recover"
+        )
         recovered.add(str(op["id"]))
         assert op["state"] == "SUCCEEDED", op
         # lease expiry (2 s) and a reconcile pass, not a growing backoff
@@ -285,13 +285,9 @@ def test_every_serving_node_lost_waits_for_devices_then_reloads_from_the_checkpo
     assert "lost" in waiting[0].message, waiting[0]
     cluster.start_agent("c")
 
-    def recover_done() -> dict[str, object] | None:
-        with cluster.api() as api:
-            items = api.get("/v1/deployments/moe/operations").json()["items"]
-        rec = [o for o in items if o["kind"] == "recover"]
-        return rec[0] if rec and rec[0]["state"] in ("SUCCEEDED", "ABORTED") else None
-
-    recovered = wait_for(recover_done, 120, interval=0.5, what="the recover operation")
+    recovered = wait_for(
+        lambda: _ended_recover(cluster), 120, interval=0.5, what="the recover operation"
+    )
     assert recovered["state"] == "SUCCEEDED", recovered
     plan = recovered["plan"]
     assert plan["to_dp"] == 2

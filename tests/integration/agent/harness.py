@@ -228,7 +228,10 @@ class ContractDriver:
         found = await self.store.list(self.keys.acks(self.d, op.id, phase.value), Ack)
         return {v.value.participant: v.value for v in found}
 
-    async def _wait_acks(self, op: Operation, phase: OpState, deadline_s: float) -> dict[int, Ack]:
+    async def phase_acks(
+        self, op: Operation, phase: OpState, deadline_s: float = 60.0
+    ) -> dict[int, Ack]:
+        """Every participant's ack of ``phase``, or those in by the deadline."""
         assert op.plan is not None
         want = len(op.plan.participants)
         end = time.monotonic() + deadline_s + 2.0
@@ -242,7 +245,8 @@ class ContractDriver:
             await asyncio.sleep(0.05)
         return acks
 
-    async def _write(self, op: Operation, state: OpState, deadline_s: float) -> Operation:
+    async def advance(self, op: Operation, state: OpState, deadline_s: float = 60.0) -> Operation:
+        """Write ``op`` in ``state`` (a phase before the commit point, or an end state)."""
         now = time.time()
         op = op.model_copy(
             update={"state": state, "updated_at": now, "phase_deadline_at": now + deadline_s}
@@ -281,16 +285,6 @@ class ContractDriver:
             updated_at=now,
         )
 
-    async def advance(self, op: Operation, state: OpState, deadline_s: float = 60.0) -> Operation:
-        """Write ``op`` in ``state`` (a phase before the commit point, or ABORTED)."""
-        return await self._write(op, state, deadline_s)
-
-    async def phase_acks(
-        self, op: Operation, phase: OpState, deadline_s: float = 60.0
-    ) -> dict[int, Ack]:
-        """Every participant's ack of ``phase``, or those in by the deadline."""
-        return await self._wait_acks(op, phase, deadline_s)
-
     async def run_op(
         self,
         new_ranks: Sequence[Rank],
@@ -320,9 +314,9 @@ class ContractDriver:
             if phase is OpState.SWITCHING:
                 op = await self._commit(op, new_ranks, placement, deadline_s)
             else:
-                op = await self._write(op, phase, deadline_s)
+                op = await self.advance(op, phase, deadline_s)
             hook = asyncio.create_task(during(phase, op)) if during is not None else None
-            acks = await self._wait_acks(op, phase, deadline_s)
+            acks = await self.phase_acks(op, phase, deadline_s)
             if hook is not None:
                 await hook
             outcome.acks[phase] = acks
@@ -331,7 +325,7 @@ class ContractDriver:
             )
             if not ok:
                 if phase in (OpState.PREPARING, OpState.TRANSFERRING):
-                    op = await self._write(
+                    op = await self.advance(
                         op.model_copy(update={"error": f"{phase.value} failed"}),
                         OpState.ABORTED,
                         deadline_s,
@@ -344,7 +338,7 @@ class ContractDriver:
                 )
             if after is not None:
                 await after(phase, op)
-        op = await self._write(op, OpState.SUCCEEDED, deadline_s)
+        op = await self.advance(op, OpState.SUCCEEDED, deadline_s)
         outcome.op = op
         outcome.seconds = time.monotonic() - started
         return outcome
