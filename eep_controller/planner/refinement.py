@@ -362,15 +362,14 @@ def closest_sums(u: FloatArray, v: FloatArray) -> tuple[IntArray, IntArray, Floa
     slots = u.shape[-1]
     order_v = np.argsort(v, axis=-1, kind="stable")
     v_sorted = np.take_along_axis(v, order_v, axis=-1)
-    both = np.concatenate([v_sorted, -u], axis=-1)
-    is_v = np.zeros(both.shape, dtype=bool)
-    is_v[..., :slots] = True
-    # by value; on equal values the queries (-u) first, so "v before" counts v < -u[i]
-    merged = np.lexsort((is_v, both), axis=-1)
-    v_before = np.cumsum(np.take_along_axis(is_v, merged, axis=-1), axis=-1)
+    # queries first: a stable sort keeps them before any v of equal value, so "v before"
+    # counts v < -u[i]
+    both = np.concatenate([-u, v_sorted], axis=-1)
+    merged = np.argsort(both, axis=-1, kind="stable")
+    v_before = np.cumsum(merged >= slots, axis=-1)
     place = np.empty_like(merged)  # where each element of `both` sits in the merged order
     np.put_along_axis(place, merged, np.arange(2 * slots), axis=-1)
-    below = np.take_along_axis(v_before, place[..., slots:], axis=-1)
+    below = np.take_along_axis(v_before, place[..., :slots], axis=-1)
     lo = np.clip(below - 1, 0, slots - 1)
     hi = np.clip(below, 0, slots - 1)
     d_lo = np.abs(u + np.take_along_axis(v_sorted, lo, axis=-1))

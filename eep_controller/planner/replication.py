@@ -33,26 +33,85 @@ def greedy_counts(
     return counts
 
 
+# Steps `_sure_counts` takes at most, and the replicas it may leave to the greedy's
+# one-at-a-time loop per row before it stops early.
+SURE_STEPS = 12
+SURE_SLACK = 4
+
+
 def _sure_counts(weight: FloatArray, total_slots: int, max_count: int) -> IntArray:
     """Replicas the greedy surely hands out, so it need not loop over them one by one.
 
-    The greedy's last accepted priority (load per replica) p* is at most W / (T - E) (load
-    W, T slots, E experts): every expert ends with c - 1 <= w / p* replicas beyond its first.
-    Each of an expert's first floor(w / (W / (T - E))) replicas has a priority above p*, so the
-    greedy gives them all; starting from them it picks the rest in the same order."""
+    Giving expert e its (c + 1)-th replica has priority w_e / c, and the greedy accepts the
+    `total_slots - E` highest priorities, in order. So for any threshold p, if at most that
+    many priorities exceed p, the greedy accepts every one of them. The count above p is
+    close to linear in 1 / p, so a few interpolation steps per row find a p whose count falls
+    short of the spare slots by at most SURE_SLACK (or stop after SURE_STEPS). The counts
+    are those of exactly the priorities above p, computed with the greedy's own division, so
+    the result does not depend on rounding.
+
+    The search starts between 1 / p = spare / W, whose count surely fits (the greedy's last
+    priority p* is at most W / spare, or its extra replicas, c_e - 1 <= w_e / p* each, would
+    not add up to `spare`), and (spare + E) / W, whose count is at least `spare` unless
+    the per-expert cap binds."""
     num_experts = weight.shape[1]
+    best = np.ones_like(weight, dtype=np.int64)
     spare = total_slots - num_experts
-    ones = np.ones_like(weight, dtype=np.int64)
-    if spare <= 0:
-        return ones
-    bound = weight.sum(axis=1, keepdims=True) / spare
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sure = np.where(bound > 0, np.floor(weight / np.where(bound > 0, bound, 1.0)), 1.0)
-    # strictly above p*: drop the last replica when w / floor is exactly the bound
-    counts = np.clip(sure, 1, max_count).astype(np.int64)
-    exact = (counts > 1) & (weight / np.maximum(counts - 1, 1) <= bound)
-    counts = np.where(exact, counts - 1, counts)
-    return np.maximum(counts, ones)
+    if spare <= 0 or max_count <= 1:
+        return best
+    total = weight.sum(axis=1)
+    rows = np.flatnonzero(total > 0)
+    # x = 1 / p; [fit_x, over_x] brackets the x where the count reaches `spare`: fit_x's
+    # count fits, over_x's is larger (or is the farthest point tried while the cap binds)
+    fit_x = spare / total[rows]
+    over_x = (spare + num_experts) / total[rows]
+    best[rows] = _counts_above(weight[rows], fit_x, max_count)
+    fit_n = best[rows].sum(axis=1) - num_experts
+    # a row whose start does not fit after all (rounding at exact ties) is left to the loop
+    lost = fit_n > spare
+    best[rows[lost]] = 1
+    rows, fit_x, over_x, fit_n = rows[~lost], fit_x[~lost], over_x[~lost], fit_n[~lost]
+    over_n = _counts_above(weight[rows], over_x, max_count).sum(axis=1) - num_experts
+    fit_y, over_y = (fit_n - spare).astype(np.float64), (over_n - spare).astype(np.float64)
+    side = np.zeros(rows.size, dtype=np.int64)  # which end moved last (Illinois rule)
+    for _ in range(SURE_STEPS):
+        todo = spare - fit_n > SURE_SLACK
+        if not todo.any():
+            break
+        rows, fit_x, over_x, fit_n = rows[todo], fit_x[todo], over_x[todo], fit_n[todo]
+        over_n, fit_y, over_y, side = over_n[todo], fit_y[todo], over_y[todo], side[todo]
+        beyond = over_n <= spare  # the cap binds: the far end fits too, look further out
+        # false position on the count, which is close to linear in x
+        step = np.clip(-fit_y / np.maximum(over_y - fit_y, 1e-300), 0.01, 0.99)
+        x = np.where(beyond, over_x * 2, fit_x + step * (over_x - fit_x))
+        counts = _counts_above(weight[rows], x, max_count)
+        n = counts.sum(axis=1) - num_experts
+        fits = n <= spare
+        best[rows[fits]] = counts[fits]
+        # Illinois: an end kept twice in a row has its value halved, so the next point
+        # moves toward it instead of creeping up from the other end
+        fit_y = np.where(fits, n - spare, np.where(side == 1, fit_y / 2, fit_y))
+        over_y = np.where(fits & ~beyond, np.where(side == -1, over_y / 2, over_y), n - spare)
+        side = np.where(beyond, 0, np.where(fits, -1, 1))
+        fit_x, fit_n = np.where(fits, x, fit_x), np.where(fits, n, fit_n)
+        grown = beyond | ~fits
+        over_x, over_n = np.where(grown, x, over_x), np.where(grown, n, over_n)
+    return best
+
+
+def _counts_above(weight: FloatArray, inverse: FloatArray, max_count: int) -> IntArray:
+    """1 + how many of c = 1 .. max_count - 1 give weight / c > p, per expert, for the
+    threshold p = 1 / `inverse` [B] (inverse > 0)."""
+    threshold = (1.0 / inverse)[:, None]
+    with np.errstate(over="ignore"):
+        estimate = np.minimum(weight * inverse[:, None], max_count)
+    # the largest c with c < weight / p, then checked with the greedy's own division (the
+    # estimate is off by at most one, where weight / p is within rounding of an integer)
+    above: IntArray = np.clip(np.ceil(estimate) - 1, 0, max_count - 1).astype(np.int64)
+    above -= (above >= 1) & ~(weight / np.maximum(above, 1) > threshold)
+    after = np.minimum(above + 1, max_count - 1)
+    above += (above < max_count - 1) & (weight / after > threshold)
+    return above + 1
 
 
 def filler_counts(

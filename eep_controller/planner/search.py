@@ -423,6 +423,7 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
         best[short] = _finish(best[short], weight[short], origin[short], orphaned[short])
         if searched.size:
             _rescue(best, weight, origin, searched, plans, kind, row, orphaned)
+    _unstall(best, weight, origin, orphaned)
     return best
 
 
@@ -531,6 +532,30 @@ def _rescue(
     here = layer_balancedness(best[layers], weight[layers])
     take = _second_wins(here, best[layers], bal_k[choice, cols], candidate, origin[layers])
     best[layers[take]] = candidate[take]
+
+
+def _unstall(best: IntArray, weight: FloatArray, origin: IntArray, orphaned: BoolArray) -> None:
+    """Layers still below CHOOSE_ABOVE refined, in place, for balance alone (no copy price)
+    to FINISH_AT, kept where that balances better.
+
+    A priced refinement takes a move only when it lowers the layer's peak by more than the
+    move's copies cost, so it stalls when several ranks tie at the peak: unloading one of
+    them does not lower the peak yet. Scaling 32 ranks of 9 slots to 64 under Zipf 1.2
+    stalls so at 0.973 on every layer; unpriced moves reach 0.990 for 9% more copies."""
+    short = np.flatnonzero(layer_balancedness(best, weight) < CHOOSE_ABOVE)
+    if short.size == 0:
+        return
+    tried = refine(
+        best[short],
+        weight[short],
+        origin[short],
+        stop_at=FINISH_AT,
+        max_steps=REFINE_STEPS,
+        light_ranks=FINISH_LIGHT_RANKS,
+        partners=orphaned[short],
+    )
+    gain = layer_balancedness(tried, weight[short]) > layer_balancedness(best[short], weight[short])
+    best[short[gain]] = tried[gain]
 
 
 def _finish(

@@ -11,7 +11,7 @@ from eep_controller.planner import balancedness, choose_removed_ranks, plan_plac
 from eep_controller.planner.packing import count_replicas, holdings, separate_duplicates
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
-from eep_controller.planner.replication import filler_counts, greedy_counts
+from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
 from eep_controller.planner.search import _prefer_kept, _sticky_hot
 
 
@@ -327,9 +327,9 @@ def _greedy_reference(weight: np.ndarray, total: int, cap: int) -> np.ndarray:
 @given(
     experts=st.integers(1, 30),
     cap=st.integers(1, 12),
-    extra=st.integers(0, 60),
+    extra=st.integers(0, 200),
     seed=st.integers(0, 2**16),
-    kind=st.sampled_from(["zipf", "ties", "zeros", "spike"]),
+    kind=st.sampled_from(["zipf", "ties", "zeros", "spike", "lognormal", "fractions"]),
 )
 def test_greedy_counts_equals_the_one_at_a_time_greedy(
     experts: int, cap: int, extra: int, seed: int, kind: str
@@ -342,9 +342,15 @@ def test_greedy_counts_equals_the_one_at_a_time_greedy(
         weight = rng.integers(0, 4, (2, experts)).astype(np.float64) * 6.0
     elif kind == "zeros":
         weight = np.zeros((2, experts))
+    elif kind == "lognormal":
+        weight = rng.lognormal(0.0, 1.5, (2, experts))
+    elif kind == "fractions":
+        # small ratios tie exactly: w / c of one expert equals w' / c' of another
+        weight = rng.integers(1, 7, (2, experts)) / rng.integers(1, 7, (2, experts))
     else:
         weight = np.full((2, experts), 1.0)
         weight[:, 0] = 1e6
+    # many spare slots exercise the threshold search that skips most of the one-at-a-time loop
     assert np.array_equal(greedy_counts(weight, total, cap), _greedy_reference(weight, total, cap))
 
 
@@ -432,3 +438,20 @@ def test_relabel_matches_a_plain_reference_and_places_every_expert_once(
         assert sorted(map(sorted, out[layer].tolist())) == sorted(
             map(sorted, fresh[layer].tolist())
         )
+
+
+def test_counts_above_match_the_greedys_own_division() -> None:
+    # ratios of small integers put weight / p within rounding of an integer, where a
+    # product-based estimate is off by one in both directions
+    rng = np.random.default_rng(1)
+    weight = rng.integers(1, 30, (500, 64)) / rng.integers(1, 30, (500, 64))
+    inverse = rng.integers(1, 30, 500) / rng.integers(1, 30, 500)
+    cap = 64
+    got = _counts_above(weight, inverse, cap)
+    threshold = 1.0 / inverse
+    c = np.arange(1, cap)
+    above = (weight[:, :, None] / c > threshold[:, None, None]).sum(axis=2)
+    assert np.array_equal(got, 1 + above)
+    estimate = np.minimum(np.ceil(weight * inverse[:, None]) - 1, cap - 1)
+    # the set-up reaches both corrections
+    assert (estimate > above).any() and (estimate < above).any()
