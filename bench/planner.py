@@ -4,6 +4,7 @@
     python -m bench.planner --json    # one JSON object on stdout
     python -m bench.planner --quick   # fewer loads and repeats (< 60 s)
     python -m bench.planner --wide    # also 64-rank shapes (reported, not checked)
+    python -m bench.planner --sweep   # only: eep's time and balance over many shapes <= 64 ranks
 
 Shapes: 58 layers x 256 experts, 44 MB per expert (DeepSeek-V3 FP8). Loads are planned and
 scored on the same expected load: Zipf and lognormal as the planner issue names them, plus a
@@ -20,6 +21,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,17 @@ WIDE_RESCALES = [
     ("64->48", 64, 48, 9, ()),
     ("64->63 fail", 64, 63, 9, (5,)),
 ]
+# With --sweep: the time goals hold "with <= 64 ranks"; these shapes probe that range beyond
+# the issue's cells (eep alone, no baseline: time, balancedness and copies per shape).
+SWEEP_PLACEMENTS = [(64, 5), (64, 6), (64, 7), (64, 8), (64, 12), (64, 16), (48, 6), (48, 12),
+                    (32, 12), (32, 16), (16, 20), (8, 40)]  # fmt: skip
+SWEEP_RESCALES = [
+    ("32->64", 32, 64, 9, ()), ("64->32", 64, 32, 9, ()), ("48->64", 48, 64, 12, ()),
+    ("64->48", 64, 48, 12, ()), ("60->64", 60, 64, 5, ()), ("64->60", 64, 60, 5, ()),
+    ("56->64", 56, 64, 6, ()), ("64->56", 64, 56, 6, ()), ("24->32", 24, 32, 12, ()),
+    ("32->24", 32, 24, 12, ()), ("20->32", 20, 32, 16, ()), ("32->20", 32, 20, 16, ()),
+    ("8->16", 8, 16, 36, ()), ("16->8", 16, 8, 36, ()), ("32->31 fail", 32, 31, 9, (3,)),
+]  # fmt: skip
 
 
 def make_load(kind: str, param: float, seed: int = 0) -> npt.NDArray[np.float64]:
@@ -169,6 +182,65 @@ def run(quick: bool, wide: bool = False) -> dict:
     return out
 
 
+def sweep(loads: list[tuple[str, float]], reps: int) -> dict:
+    """eep alone over SWEEP_PLACEMENTS and SWEEP_RESCALES: p50 time (with the planner
+    workers), balancedness, and for rescales copies against the lower bound."""
+    wait_for_workers()
+    out: dict[str, Any] = {"planner_workers": len(worker_pids()), "placement": [], "rescale": []}
+    for kind, param in loads:
+        load = make_load(kind, param)
+        label = f"{kind} {param}"
+        for ranks, slots in SWEEP_PLACEMENTS:
+            ms, placed = p50_ms(partial(plan_placement, load, ranks, slots), reps)
+            out["placement"].append({"load": label, "shape": f"{ranks}x{slots}", "ms": ms,
+                                     "bal": balancedness(placed, load)})  # fmt: skip
+        for name, old, new, slots, failed in SWEEP_RESCALES:
+            current = plan_placement(load, old, slots)
+            ms, plan = p50_ms(partial(plan_rescale, current, load, new, failed_ranks=failed), reps)
+            st = plan.stats
+            out["rescale"].append({
+                "load": label, "shape": f"{name} x{slots}", "ms": ms,
+                "bal": st["balancedness_after"], "ratio": st["copies"] / max(st["lower_bound"], 1),
+            })  # fmt: skip
+    out["over_time"] = [
+        f"{r['load']} placement {r['shape']}" for r in out["placement"] if r["ms"] > 20.0
+    ] + [f"{r['load']} rescale {r['shape']}" for r in out["rescale"] if r["ms"] > 150.0]
+    out["below_0.99"] = [
+        f"{r['load']} rescale {r['shape']}" for r in out["rescale"] if r["bal"] < 0.99
+    ]
+    return out
+
+
+def render_sweep(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 140))
+    for kind, goal in (("placement", 20.0), ("rescale", 150.0)):
+        rows = result[kind]
+        t = Table(title=f"Sweep, {kind}: worst over the loads (time goal {goal:.0f} ms)")
+        for col in ("shape", "max ms", "slowest load", "min bal", "least balanced load",
+                    "over goal"):  # fmt: skip
+            t.add_column(col, justify="right")
+        if kind == "rescale":
+            t.add_column("max copies/LB", justify="right")
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            mine = [r for r in rows if r["shape"] == shape]
+            slow = max(mine, key=lambda r: r["ms"])
+            weak = min(mine, key=lambda r: r["bal"])
+            cells = [shape, f"{slow['ms']:.0f}", slow["load"], f"{weak['bal']:.4f}", weak["load"],
+                     f"{sum(r['ms'] > goal for r in mine)} of {len(mine)}"]  # fmt: skip
+            if kind == "rescale":
+                cells.append(f"{max(r['ratio'] for r in mine):.2f}")
+            t.add_row(*cells)
+        console.print(t)
+    console.print(
+        f"{len(result['over_time'])} cells over their time goal, "
+        f"{len(result['below_0.99'])} rescales below 0.99 "
+        f"(with {result['planner_workers']} planner worker(s))."
+    )
+
+
 # The loads the planner issue sets its targets on; other loads are reported, not checked.
 TARGET_LOADS = ("zipf 0.5", "zipf 1.0", "zipf 1.2", "zipf 1.5", "lognormal 0.5", "lognormal 1.0")
 
@@ -249,7 +321,17 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer loads and repeats")
     parser.add_argument("--wide", action="store_true", help="also 64-rank shapes (reported)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="only eep's time and balance over many shapes"
+    )
     args = parser.parse_args()
+    if args.sweep:
+        found = sweep([(name.split()[0], float(name.split()[1])) for name in TARGET_LOADS], 3)
+        if args.json:
+            print(json.dumps(found))
+        else:
+            render_sweep(found)
+        return
     result = run(args.quick, args.wide)
     result["targets"] = check_targets(result)
     if args.json:

@@ -156,6 +156,43 @@ def fill_empty(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int)
     return phy
 
 
+def fill_lpt(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -> IntArray:
+    """Place `counts` [B, E] replicas on empty ranks by plain LPT: heaviest first, each to
+    the lightest rank with a free slot that lacks its expert (any rank with a free slot when
+    none lacks it; `separate_duplicates` then swaps the repeats away).
+
+    Unlike `fill_empty`'s rounds, a light rank may take several replicas in a row, which
+    packs better when a few large replicas must share ranks (heavy skew, few spare slots).
+    """
+    batch, num_experts = weight.shape
+    share = weight / np.maximum(counts, 1)
+    order = np.lexsort((np.broadcast_to(np.arange(num_experts), share.shape), -share), axis=1)
+    reps = np.take_along_axis(counts, order, axis=1)
+    items = np.repeat(order.ravel(), reps.ravel()).reshape(batch, num_ranks * slots)
+    item_w = np.take_along_axis(share, items, axis=1)
+    phy = np.empty((batch, num_ranks, slots), dtype=np.int64)
+    # each rank's load, +inf once its slots are full
+    open_loads = np.zeros((batch, num_ranks))
+    filled = np.zeros((batch, num_ranks), dtype=np.int64)
+    held = np.zeros((batch, num_experts, num_ranks), dtype=bool)  # expert-major holdings
+    rows = np.arange(batch)
+    for k in range(num_ranks * slots):
+        expert = items[:, k]
+        lacking = np.where(held[rows, expert], np.inf, open_loads)
+        rank = np.argmin(lacking, axis=1)
+        stuck = np.isinf(lacking[rows, rank])
+        if stuck.any():
+            rank[stuck] = np.argmin(open_loads[stuck], axis=1)
+        slot = filled[rows, rank]
+        phy[rows, rank, slot] = expert
+        filled[rows, rank] = slot + 1
+        grown = open_loads[rows, rank] + item_w[:, k]
+        open_loads[rows, rank] = np.where(slot + 1 >= slots, np.inf, grown)
+        held[rows, expert, rank] = True
+    separate_duplicates(phy, weight, counts)
+    return phy
+
+
 def _untangle_round(ranks: IntArray, dealt: IntArray, has: BoolArray) -> None:
     """Re-pair, in place, ranks of one round so no rank gets an expert it already holds.
 
