@@ -368,7 +368,8 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     with the copy penalty. Layers both leave below CHOOSE_ABOVE (skewed ones) also get the
     replica-count search: the distinct `_retarget_options` not already refined, screened by
     a short refinement, the most promising refined fully; per layer the better plan by
-    `_pick` is kept."""
+    `_pick` is kept. Layers still short of CHOOSE_ABOVE end with an unpriced refinement
+    (see `_unstall`)."""
     total = phy.shape[1] * phy.shape[2]
     batch = phy.shape[0]
     # layers with orphans write copies onto surviving ranks anyway: their refinement may
