@@ -134,12 +134,7 @@ def fill_empty(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int)
     to the rank with the least load so far. Each rank ends with exactly `slots` replicas.
     """
     batch, num_experts = weight.shape
-    share = weight / np.maximum(counts, 1)
-    # sort (expert, replica) pairs by share, descending; expert id breaks ties
-    order = np.lexsort((np.broadcast_to(np.arange(num_experts), share.shape), -share), axis=1)
-    reps = np.take_along_axis(counts, order, axis=1)
-    items = np.repeat(order.ravel(), reps.ravel()).reshape(batch, num_ranks * slots)
-    item_w = np.take_along_axis(share, items, axis=1)
+    items, item_w = _heaviest_first(weight, counts)
     phy = np.empty((batch, num_ranks, slots), dtype=np.int64)
     loads = np.zeros((batch, num_ranks))
     has = np.zeros((batch, num_ranks, num_experts), dtype=bool)
@@ -156,6 +151,16 @@ def fill_empty(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int)
     return phy
 
 
+def _heaviest_first(weight: FloatArray, counts: IntArray) -> tuple[IntArray, FloatArray]:
+    """Every replica of `counts` [B, E] as (expert [B, N], share [B, N]), heaviest share
+    first; the expert id breaks ties."""
+    share = weight / np.maximum(counts, 1)
+    order = np.lexsort((np.broadcast_to(np.arange(weight.shape[1]), share.shape), -share), axis=1)
+    reps = np.take_along_axis(counts, order, axis=1)
+    items = np.repeat(order.ravel(), reps.ravel()).reshape(weight.shape[0], -1)
+    return items, np.take_along_axis(share, items, axis=1)
+
+
 def fill_lpt(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -> IntArray:
     """Place `counts` [B, E] replicas on empty ranks by plain LPT: heaviest first, each to
     the lightest rank with a free slot that lacks its expert (any rank with a free slot when
@@ -165,11 +170,7 @@ def fill_lpt(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -
     packs better when a few large replicas must share ranks (heavy skew, few spare slots).
     """
     batch, num_experts = weight.shape
-    share = weight / np.maximum(counts, 1)
-    order = np.lexsort((np.broadcast_to(np.arange(num_experts), share.shape), -share), axis=1)
-    reps = np.take_along_axis(counts, order, axis=1)
-    items = np.repeat(order.ravel(), reps.ravel()).reshape(batch, num_ranks * slots)
-    item_w = np.take_along_axis(share, items, axis=1)
+    items, item_w = _heaviest_first(weight, counts)
     phy = np.empty((batch, num_ranks, slots), dtype=np.int64)
     # each rank's load, +inf once its slots are full
     open_loads = np.zeros((batch, num_ranks))
