@@ -454,3 +454,18 @@ def test_a_scale_up_whose_peak_ranks_tie_still_reaches_the_balance_goal() -> Non
     assert plan.stats["balancedness_after"] >= 0.99
     # for copies close to the bound: the new ranks' slots, and a few moves beyond them
     assert plan.stats["copies"] <= 1.2 * plan.stats["lower_bound"]
+
+
+def test_a_halving_whose_search_stops_between_097_and_099_gets_every_target_in_full() -> None:
+    # 64 -> 32 ranks of 9 slots under Zipf 1.5: the screened target leaves layers at
+    # 0.975-0.988, where no unpriced move helps either; refining every replica-count target
+    # in full (once reserved for layers below 0.97) reaches the goal on every layer
+    load = zipf_load(4, 256, 1.5, seed=0)
+    current = plan_placement(load, 64, 9)
+    plan = plan_rescale(current, load, 32)
+    assert_valid_plan(current, plan, ())
+    new = plan.placement
+    for layer in range(4):
+        one = Placement(new.phy2log[layer : layer + 1], 9, num_experts=256)
+        assert balancedness(one, load[layer : layer + 1]) >= 0.99
+    assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
