@@ -187,16 +187,15 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         best[rest[better]] = tried[better]
     # layers the search left short also try plain LPT of the greedy counts: with few spare
     # slots under heavy skew (48 x 6 under Zipf 1.5) it packs better than the rounds
-    short = np.flatnonzero(layer_balancedness(best, weight) < SEARCH_BELOW)
+    now = layer_balancedness(best, weight)
+    short = np.flatnonzero(now < SEARCH_BELOW)
     if short.size and num_ranks > 1:
         tried = pair_swaps(
             fill_lpt(weight[short], greedy[short], num_ranks, slots_per_rank),
             weight[short],
             steps=PAIR_STEPS,
         )
-        better = layer_balancedness(tried, weight[short]) > layer_balancedness(
-            best[short], weight[short]
-        )
+        better = layer_balancedness(tried, weight[short]) > now[short]
         best[short[better]] = tried[better]
     if slots_per_rank >= FINE_SLOTS:
         # rows where the greedy gave an expert a replica on every rank (and wanted more) and

@@ -269,7 +269,7 @@ def _await_arrivals(
         if cancelled():
             raise JoinCancelled(f"group {prefix}: cancelled while waiting for the other ranks")
         if time.monotonic() >= deadline:
-            missing = [r for r in range(size) if not store.check([f"{ARRIVED_KEY}/{r}"])]
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
             raise TimeoutError(f"group {prefix}: ranks {missing} did not join in time")
         time.sleep(ARRIVAL_POLL_S)
 

@@ -16,12 +16,14 @@ from planner_checks import (
 
 from eep_controller.planner import (
     Placement,
+    RescalePlan,
     balancedness,
     choose_removed_ranks,
     copy_lower_bound,
     plan_placement,
     plan_rescale,
 )
+from eep_controller.planner.placement import layer_balancedness
 
 
 @st.composite
@@ -443,14 +445,20 @@ def test_a_rank_repeating_an_expert_while_another_is_missing() -> None:
     assert_valid_plan(current, plan, ())
 
 
+def _valid_rescale(load: np.ndarray, old: int, new: int, slots: int) -> RescalePlan:
+    """`plan_rescale` from a fresh placement of `load` on `old` ranks to `new`, checked valid."""
+    current = plan_placement(load, old, slots)
+    plan = plan_rescale(current, load, new)
+    assert_valid_plan(current, plan, ())
+    return plan
+
+
 def test_a_scale_up_whose_peak_ranks_tie_still_reaches_the_balance_goal() -> None:
     # 32 -> 64 ranks of 9 slots under Zipf 1.2: the priced refinement stalls at 0.973 on
     # every layer, with many ranks tied at the peak (unloading one does not lower the peak,
     # so no single move pays for its copies); the last, unpriced pass must get past it
     load = zipf_load(2, 256, 1.2, seed=3)
-    current = plan_placement(load, 32, 9)
-    plan = plan_rescale(current, load, 64)
-    assert_valid_plan(current, plan, ())
+    plan = _valid_rescale(load, 32, 64, 9)
     assert plan.stats["balancedness_after"] >= 0.99
     # for copies close to the bound: the new ranks' slots, and a few moves beyond them
     assert plan.stats["copies"] <= 1.2 * plan.stats["lower_bound"]
@@ -461,13 +469,8 @@ def test_a_halving_whose_search_stops_between_097_and_099_gets_every_target_in_f
     # 0.975-0.988, where no unpriced move helps either; refining every replica-count target
     # in full (once reserved for layers below 0.97) reaches the goal on every layer
     load = zipf_load(4, 256, 1.5, seed=0)
-    current = plan_placement(load, 64, 9)
-    plan = plan_rescale(current, load, 32)
-    assert_valid_plan(current, plan, ())
-    new = plan.placement
-    for layer in range(4):
-        one = Placement(new.phy2log[layer : layer + 1], 9, num_experts=256)
-        assert balancedness(one, load[layer : layer + 1]) >= 0.99
+    plan = _valid_rescale(load, 64, 32, 9)
+    assert layer_balancedness(plan.placement.by_rank(), load).min() >= 0.99
     assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
 
 
@@ -486,8 +489,5 @@ def test_a_layer_the_full_refinement_of_every_target_leaves_short_gets_the_unpri
     # 48 -> 64 ranks of 9 slots: this layer's searched plan is refined for balance alone,
     # stays short, so every replica-count target is refined in full; the one kept is at
     # 0.981, and only the unpriced pass run after that refinement lifts it to the goal
-    load = _layer_of_a_mix(1, 55)
-    current = plan_placement(load, 48, 9)
-    plan = plan_rescale(current, load, 64)
-    assert_valid_plan(current, plan, ())
+    plan = _valid_rescale(_layer_of_a_mix(1, 55), 48, 64, 9)
     assert plan.stats["balancedness_after"] >= 0.99
