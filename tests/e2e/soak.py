@@ -1,8 +1,10 @@
 """A soak run: random scales, cancels, agent kills and controller restarts on a whole cluster.
 
-Not collected by pytest (it runs for minutes); run it by hand, with a seed to replay:
+A long run is for hand use, with a seed to replay (it takes minutes):
 
     .venv/bin/python -m tests.e2e.soak --seed 3 --steps 25
+
+``tests/e2e/test_soak.py`` runs a short one (six steps, about a minute) in every test run.
 
 After every step, once the cluster has settled, it checks what must hold whatever happened:
 every committed rank is on a live node, no expert is without a replica, every operation has
@@ -39,6 +41,8 @@ class Soak:
         self.rng = random.Random(seed)
         self.procs: list[tuple[str, Proc]] = []
         self.slow: set[str] = set()
+        self.actions: list[str] = []  # what each step did
+        self.checks = 0  # settled states checked
 
     def say(self, *parts: object) -> None:
         print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
@@ -100,6 +104,7 @@ class Soak:
         probe = self.c.probe(num_tokens=16, seed=self.rng.randrange(10**6))
         assert probe.ok and probe.generation == layout.generation, (tag, probe)
         nodes = sorted({r.node_id for r in layout.ranks})
+        self.checks += 1
         self.say(f"ok after {tag}: generation {layout.generation}, dp {layout.dp_size} on {nodes}")
 
     def step(self, i: int) -> None:
@@ -111,6 +116,7 @@ class Soak:
         dp = self.c.layout().dp_size
         target = self.rng.choice([d for d in range(2, 7) if d != dp])
         self.say(f"#{i} {action} (dp {dp}, target {target}, live {live})")
+        self.actions.append(action)
         if action == "revive":
             if dead:
                 self.start_agent(self.rng.choice(dead))
@@ -142,32 +148,42 @@ class Soak:
         self.check(f"#{i} {action}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="eep-soak-"))
+def run(seed: int, steps: int, tmp: Path) -> Soak:
+    """Bring a cluster up under `tmp`, take `steps` random steps, check after each; raises
+    on the first violation (after writing every process's output to `tmp`). Every process
+    it started is stopped, whatever happens."""
     etcd = EmbeddedEtcd(tmp / "etcd")
     etcd.start()
     cluster = make_cluster(etcd, tmp)
-    soak = Soak(cluster, tmp, args.seed)
+    soak = Soak(cluster, tmp, seed)
     try:
         soak.restart_controller("c")
         for node in NODES[:3]:
             soak.start_agent(node)
         cluster.bring_up(initial_dp=2, max_dp=6)
         soak.check("bring-up")
-        for i in range(args.steps):
+        for i in range(steps):
             soak.step(i)
     except Exception as exc:
         soak.say("SOAK FAILED:", repr(exc))
         soak.dump()
-        return 1
+        raise
     finally:
         cluster.stop()
         etcd.stop()
-    soak.say(f"SOAK PASSED: seed {args.seed}, {args.steps} steps, {len(soak.slow)} slow operations")
+    soak.say(f"SOAK PASSED: seed {seed}, {steps} steps, {len(soak.slow)} slow operations")
+    return soak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    try:
+        run(args.seed, args.steps, Path(tempfile.mkdtemp(prefix="eep-soak-")))
+    except Exception:
+        return 1
     return 0
 
 
