@@ -51,6 +51,10 @@ SCREEN_STAGES = ((2, SCREEN_STEPS - SCREEN_FIRST),)
 # the goal; 64 -> 32 ranks under Zipf 1.5 ended at 0.985, and now at 0.9906 for 1.5% more
 # copies. On the bench's layer mixes it also saves copies.)
 RESCUE_BELOW = CHOOSE_ABOVE
+# A layer the spread plan (see `_spread`) balances to CHOOSE_ABOVE with at most this many
+# times its fewest possible copies takes it without the rescue's full refinement of every
+# option; elsewhere the two compare by `_pick`.
+SPREAD_ENOUGH = 1.3
 
 
 def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: int) -> None:
@@ -231,6 +235,61 @@ def _sticky_hot(phy: IntArray, weight: FloatArray, total: int) -> IntArray | Non
     return fill_free_slots(phy, weight, counts)
 
 
+def _spread(phy: IntArray, weight: FloatArray, origin: IntArray) -> tuple[IntArray, BoolArray]:
+    """`phy` [B, R, S] with every spread expert (load at least a slot's worth on every rank,
+    w_e >= W / S, so the greedy would give it a replica on each) put on every rank that
+    lacks it, heaviest expert first; and which rows changed.
+
+    Each such rank gives up the slot lightest to lose: a slot holding a new copy before one
+    that keeps its old expert (which would add a copy), then the smallest share; never a
+    spread expert's slot or an expert's last replica. Without this, a layer whose hottest
+    expert misses a few ranks stalls: those ranks stay light, and the one move that would
+    give them a replica raises them above the peak (48 -> 64 ranks of 12 slots under Zipf
+    1.2 stalls at 0.969; spread, it refines to 0.993 with half the copies of any other
+    option)."""
+    phy = phy.copy()
+    batch, ranks, slots = phy.shape
+    num_experts = weight.shape[1]
+    spread = weight * slots >= weight.sum(axis=1, keepdims=True)  # [B, E]
+    spread &= weight > 0
+    changed = np.zeros(batch, dtype=bool)
+    if not spread.any():
+        return phy, changed
+    counts = count_replicas(phy, num_experts)
+    has = holdings(phy, num_experts)
+    # spread experts of each row, heaviest first (-1 pads rows with fewer)
+    order = np.argsort(-np.where(spread, weight, -1.0), axis=1, kind="stable")
+    width = int(spread.sum(axis=1).max())
+    chosen = np.where(np.take_along_axis(spread, order[:, :width], axis=1), order[:, :width], -1)
+    keeps_old = phy == origin  # losing such a slot adds a copy
+    rows = np.arange(batch)
+    for k in range(width):
+        expert = chosen[:, k]
+        for r in range(ranks):
+            need = (expert >= 0) & ~has[rows, r, np.maximum(expert, 0)]
+            if not need.any():
+                continue
+            b = np.flatnonzero(need)
+            e_s = phy[b, r]  # [n, S]
+            c_s = counts[b[:, None], e_s]
+            share = weight[b[:, None], e_s] / c_s
+            barred = (c_s < 2) | spread[b[:, None], e_s]
+            key = np.where(barred, np.inf, share + keeps_old[b, r] * weight[b].sum(axis=1)[:, None])
+            slot = np.argmin(key, axis=1)
+            ok = np.isfinite(key[np.arange(b.size), slot])
+            b, slot = b[ok], slot[ok]
+            gone = phy[b, r, slot]
+            e = expert[b]
+            counts[b, gone] -= 1
+            counts[b, e] += 1
+            has[b, r, gone] = False
+            has[b, r, e] = True
+            phy[b, r, slot] = e
+            keeps_old[b, r, slot] = origin[b, r, slot] == e
+            changed[b] = True
+    return phy, changed
+
+
 def _retargeted(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:
     """Reach the replica `counts` planned for the new size with the fewest slot changes:
     keep the surviving replicas still wanted, free the surplus (hottest ranks first), and
@@ -370,8 +429,9 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     with the copy penalty. Layers both leave below CHOOSE_ABOVE (skewed ones) also get the
     replica-count search: the distinct `_retarget_options` not already refined, screened by
     a short refinement, the most promising refined fully; per layer the better plan by
-    `_pick` is kept. Layers still short of CHOOSE_ABOVE end with an unpriced refinement
-    (see `_unstall`)."""
+    `_pick` is kept. Layers still short of CHOOSE_ABOVE get an unpriced refinement (see
+    `_unstall`), then the sticky plan with spread experts on every rank (see `_spread`),
+    then every option refined in full (see `_rescue`)."""
     total = phy.shape[1] * phy.shape[2]
     batch = phy.shape[0]
     # layers with orphans write copies onto surviving ranks anyway: their refinement may
@@ -427,9 +487,51 @@ def best_candidate(phy: IntArray, weight: FloatArray, origin: IntArray) -> IntAr
     # the cheap unpriced pass first: the rescue then refines every option of the layers it
     # leaves short, and the pass again takes what the rescue leaves short
     _unstall(best, weight, origin, orphaned)
+    # before refining every option in full: the sticky plan with spread experts completed
+    # (see `_spread`); a layer it balances cheaply enough skips that, the rest compare after
+    spread_at, spread = _spread_refined(best, sticky, weight, origin, orphaned)
+    if spread_at.size:
+        cheap = _cheap_enough(spread, weight[spread_at], origin[spread_at])
+        best[spread_at[cheap]] = spread[cheap]
+        spread_at, spread = spread_at[~cheap], spread[~cheap]
     if searched.size and _rescue(best, weight, origin, searched, plans, kind, row, orphaned):
         _unstall(best, weight, origin, orphaned)
+    if spread_at.size:
+        bal_best = layer_balancedness(best[spread_at], weight[spread_at])
+        bal_spread = layer_balancedness(spread, weight[spread_at])
+        take = _second_wins(bal_best, best[spread_at], bal_spread, spread, origin[spread_at])
+        best[spread_at[take]] = spread[take]
     return best
+
+
+def _spread_refined(
+    best: IntArray, sticky: IntArray, weight: FloatArray, origin: IntArray, orphaned: BoolArray
+) -> tuple[IntArray, IntArray]:
+    """For layers `best` leaves below CHOOSE_ABOVE whose `sticky` plan lacks a spread expert
+    somewhere: those layers and that plan with spread experts completed (see `_spread`),
+    refined [N, R, S]."""
+    short = np.flatnonzero(layer_balancedness(best, weight) < CHOOSE_ABOVE)
+    if short.size == 0:
+        return short, best[:0]
+    spread, changed = _spread(sticky[short], weight[short], origin[short])
+    at = short[changed]
+    if at.size == 0:
+        return at, best[:0]
+    return at, _polish(spread[changed], weight[at], origin[at], partners=orphaned[at])
+
+
+def _cheap_enough(plans: IntArray, weight: FloatArray, origin: IntArray) -> BoolArray:
+    """Plans [N, R, S] that balance to CHOOSE_ABOVE with at most SPREAD_ENOUGH x the
+    layer's fewest possible copies (every new slot and every orphan written)."""
+    num_experts = weight.shape[1]
+    least = np.maximum(
+        (origin < 0).sum(axis=(1, 2)), (count_replicas(origin, num_experts) == 0).sum(axis=1)
+    )
+    copies = (plans != origin).sum(axis=(1, 2))
+    ok: BoolArray = (layer_balancedness(plans, weight) >= CHOOSE_ABOVE) & (
+        copies <= SPREAD_ENOUGH * np.maximum(least, 1)
+    )
+    return ok
 
 
 def _new_options(

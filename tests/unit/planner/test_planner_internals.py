@@ -12,7 +12,7 @@ from eep_controller.planner.packing import count_replicas, holdings, separate_du
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
-from eep_controller.planner.search import _prefer_kept, _sticky_hot
+from eep_controller.planner.search import _prefer_kept, _spread, _sticky_hot
 
 
 def _distinct_per_rank(phy: np.ndarray) -> bool:
@@ -455,3 +455,52 @@ def test_counts_above_match_the_greedys_own_division() -> None:
     estimate = np.minimum(np.ceil(weight * inverse[:, None]) - 1, cap - 1)
     # the set-up reaches both corrections
     assert (estimate > above).any() and (estimate < above).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layers=st.integers(1, 3),
+    ranks=st.integers(2, 12),
+    slots=st.integers(2, 8),
+    skew=st.floats(0.0, 2.5),
+    seed=st.integers(0, 10_000),
+)
+def test_spread_puts_every_spread_expert_on_every_rank_it_can(
+    layers: int, ranks: int, slots: int, skew: float, seed: int
+) -> None:
+    experts = min(40, ranks * slots)
+    load = zipf_load(layers, experts, skew, seed=seed)
+    # placed for another load (other hot experts): this load's spread experts miss ranks
+    start = plan_placement(zipf_load(layers, experts, skew, seed=seed + 1), ranks, slots).by_rank()
+    origin = start.copy()
+    origin[:, ranks // 2 :] = -1  # half the ranks new, as after a scale-up
+    out, changed = _spread(start, load, origin)
+    before, counts = count_replicas(start, experts), count_replicas(out, experts)
+    assert counts.min() >= 1  # never an expert's last replica
+    assert all(len(set(rank)) == slots for row in out for rank in row)  # distinct per rank
+    spread = load * slots >= load.sum(axis=1, keepdims=True)
+    has = holdings(out, experts)
+    for b in range(layers):
+        assert changed[b] == (not np.array_equal(out[b], start[b]))
+        grown = counts[b] - before[b]
+        assert (grown[~spread[b]] <= 0).all() and (grown[spread[b]] >= 0).all()
+        for e in np.flatnonzero(spread[b]):
+            for r in np.flatnonzero(~has[b, :, e]):
+                # a rank still lacking a spread expert had no slot it could give up
+                held = out[b, r]
+                assert ((counts[b, held] < 2) | spread[b, held]).all()
+
+
+def test_spread_gives_up_a_new_copy_before_a_kept_replica() -> None:
+    # expert 0 carries 2/3 of the load, at least a slot's worth on every rank, but rank 3
+    # lacks it; experts 2 (share 0.5) and 3 (share 1.0) have a second replica elsewhere
+    load = np.array([[8.0, 1.0, 1.0, 2.0]])
+    start = np.array([[[0, 2], [0, 3], [0, 1], [2, 3]]])
+    new_copy = np.array([[[0, 2], [0, 3], [0, 1], [2, -1]]])  # rank 3's expert 3 is new
+    out, changed = _spread(start, load, new_copy)
+    assert changed.tolist() == [True]
+    assert out[0, 3].tolist() == [2, 0]  # the new copy goes, though its share is larger
+    kept = start.copy()  # both of rank 3's replicas are old: the lighter one goes
+    out, _ = _spread(start, load, kept)
+    assert out[0, 3].tolist() == [0, 3]
+    assert np.array_equal(out[0, :3], start[0, :3])
