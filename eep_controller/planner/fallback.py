@@ -1,9 +1,16 @@
-"""Re-planning from scratch the layers a rescale's search left badly balanced.
+"""Re-planning from scratch the layers a rescale's search left short of the balance goal.
 
 Pure numpy. :func:`eep_controller.planner.rescale.plan_rescale` calls :func:`fallback` after
 :func:`eep_controller.planner.search.best_candidate`: a fresh plan, relabelled to keep as
-many experts in place as it can, replaces a layer where it balances clearly better, within a
-copy budget.
+many experts in place as it can, replaces a layer where it balances clearly better.
+
+Balance comes first: a layer below the goal costs throughput for as long as the plan
+serves, while the extra copies are paid once, and a fresh plan never moves more than
+re-planning that layer from scratch (what other planners do on every rescale). With 5
+slots per rank, 64 -> 60 ranks under Zipf 1.0 leaves 39 of 58 layers below 0.99 (down to
+0.94; the search's single moves cannot even them out); fresh plans bring the mean from
+0.976 to 0.995 for 75% more copies, 38% fewer than re-planning every layer (which balances
+at 0.980).
 """
 
 from __future__ import annotations
@@ -14,12 +21,10 @@ from eep_controller.planner.packing import holdings, keep_in_place
 from eep_controller.planner.placement import layer_balancedness, plan_batch
 from eep_controller.planner.validation import FloatArray, IntArray
 
-# Layers still below this after the sticky plan are re-planned from scratch and relabelled,
-# and the fresh plan is kept when it balances better by more than FALLBACK_GAIN, within a
-# total of FALLBACK_BUDGET x the copy lower bound.
-FALLBACK_BELOW = 0.97
+# Layers still below this (the balance goal) after the search are re-planned from scratch
+# and relabelled; the fresh plan is kept when it balances better by more than FALLBACK_GAIN.
+FALLBACK_BELOW = 0.99
 FALLBACK_GAIN = 0.01
-FALLBACK_BUDGET = 3.0
 
 
 def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
@@ -48,27 +53,15 @@ def _relabel(fresh: IntArray, origin: IntArray) -> IntArray:
     return keep_in_place(origin, wanted)
 
 
-def fallback(phy: IntArray, weight: FloatArray, origin: IntArray, lower_bound: int) -> None:
-    """Re-plan, in place, layers the sticky plan balanced below FALLBACK_BELOW, keeping a
-    fresh (relabelled) plan where it balances better, best gain per extra copy first, while
-    the total stays within FALLBACK_BUDGET x the copy lower bound."""
+def fallback(phy: IntArray, weight: FloatArray, origin: IntArray) -> None:
+    """Re-plan, in place, layers balanced below FALLBACK_BELOW, keeping a fresh (relabelled)
+    plan where it balances better by more than FALLBACK_GAIN."""
     before = layer_balancedness(phy, weight)
     weak = np.flatnonzero(before < FALLBACK_BELOW)
     if weak.size == 0:
         return
     fresh = plan_batch(weight[weak], phy.shape[1], phy.shape[2])
-    gain = layer_balancedness(fresh, weight[weak]) - before[weak]
     # relabelling changes copies, not balance: only layers the fresh plan helps need it
-    helps = gain > FALLBACK_GAIN
-    weak, fresh, gain = weak[helps], fresh[helps], gain[helps]
-    if weak.size == 0:
-        return
-    fresh = _relabel(fresh, origin[weak])
-    copies = (phy != origin).sum(axis=(1, 2))
-    extra = (fresh != origin[weak]).sum(axis=(1, 2)) - copies[weak]
-    budget = FALLBACK_BUDGET * max(lower_bound, 1) - int(copies.sum())
-    for k in np.lexsort((np.arange(weak.size), -gain / np.maximum(extra, 1))):
-        if gain[k] <= FALLBACK_GAIN or extra[k] > budget:
-            continue
-        phy[weak[k]] = fresh[k]
-        budget -= int(extra[k])
+    helps = layer_balancedness(fresh, weight[weak]) - before[weak] > FALLBACK_GAIN
+    if helps.any():
+        phy[weak[helps]] = _relabel(fresh[helps], origin[weak[helps]])

@@ -241,7 +241,7 @@ def plan_rescale(
     phy = by_layers(best_candidate, phy, weight, origin)
 
     lower_bound = copy_lower_bound(current, new_ranks, removed, failed)
-    fallback(phy, weight, origin, lower_bound)
+    fallback(phy, weight, origin)
 
     changed = np.argwhere(phy != origin)  # rows of (layer, dst_rank, dst_slot), sorted
     layer_of, dst_rank, dst_slot = changed[:, 0], changed[:, 1], changed[:, 2]

@@ -23,6 +23,7 @@ from eep_controller.planner import (
     plan_placement,
     plan_rescale,
 )
+from eep_controller.planner.fallback import fallback
 from eep_controller.planner.placement import layer_balancedness
 
 
@@ -513,3 +514,29 @@ def test_a_spread_plan_costing_many_copies_still_competes_with_every_option() ->
     plan = _valid_rescale(load, 56, 64, 6)
     assert plan.stats["balancedness_after"] >= 0.99
     assert plan.stats["copies"] <= 2.7 * plan.stats["lower_bound"]
+
+
+def test_layers_the_search_leaves_below_the_goal_take_a_fresh_plan() -> None:
+    # 64 -> 60 ranks of 5 slots under Zipf 1.0: the search's single moves leave four of six
+    # layers at 0.955-0.979; re-planned from scratch (and relabelled to keep what it can)
+    # every layer balances at 0.99 or above, for fewer copies than re-planning them all
+    load = zipf_load(6, 256, 1.0, seed=1)
+    plan = _valid_rescale(load, 64, 60, 5)
+    assert layer_balancedness(plan.placement.by_rank(), load).min() >= 0.99
+    assert plan.stats["copies"] < 6 * 60 * 5
+
+
+def test_fallback_replans_only_layers_below_the_goal_that_a_fresh_plan_helps() -> None:
+    load = zipf_load(2, 64, 1.2, seed=2)
+    good = plan_placement(load, 8, 10).by_rank()
+    # layer 1 placed for another load: its hot experts are wrong, so it balances badly
+    bad = plan_placement(zipf_load(2, 64, 1.2, seed=9), 8, 10).by_rank()
+    phy = np.stack([good[0], bad[1]])
+    before = layer_balancedness(phy, load)
+    assert before[0] >= 0.99 and before[1] < 0.9
+    out = phy.copy()
+    fallback(out, load, phy.copy())
+    assert np.array_equal(out[0], phy[0])  # at the goal: untouched
+    assert layer_balancedness(out, load)[1] >= 0.99
+    placed = Placement(out.reshape(2, -1), 10, num_experts=64)
+    assert_valid_placement(placed, 64, 8, 10)
