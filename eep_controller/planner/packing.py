@@ -51,6 +51,17 @@ def slot_weights(phy: IntArray, weight: FloatArray, counts: IntArray) -> FloatAr
     return np.where(phy >= 0, share, 0.0)
 
 
+def least_copies(origin: IntArray, num_experts: int) -> IntArray:
+    """Fewest weight copies [B] any plan of `origin`'s shape [B, R, S] needs per layer, S
+    fixed per rank: every new slot (-1) must be written, and every expert `origin` lacks (an
+    orphan) must be written somewhere; orphans can land in new slots, so a layer needs
+    max(new slots, orphans)."""
+    new_slots = (origin < 0).sum(axis=(1, 2))
+    orphans = (count_replicas(origin, num_experts) == 0).sum(axis=1)
+    least: IntArray = np.maximum(new_slots, orphans)
+    return least
+
+
 def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntArray:
     """Fill every free slot of `phy` so that expert e ends with `counts[b, e]` replicas.
 

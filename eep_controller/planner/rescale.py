@@ -16,8 +16,8 @@ import numpy.typing as npt
 
 from eep_controller.planner.fallback import fallback
 from eep_controller.planner.packing import (
-    count_replicas,
     holdings,
+    least_copies,
     slot_weights,
 )
 from eep_controller.planner.placement import (
@@ -155,10 +155,11 @@ def copy_lower_bound(
     removed, failed = _departures(current, zero, new_num_ranks, removed_ranks, failed_ranks)
     gone = set(removed) | set(failed)
     survivors = [r for r in range(current.num_ranks) if r not in gone]
-    new_slots = (new_num_ranks - len(survivors)) * current.slots_per_rank
-    kept = count_replicas(current.by_rank()[:, survivors], current.num_experts)
-    orphans = (kept == 0).sum(axis=1)
-    return int(np.maximum(orphans, new_slots).sum())
+    added = np.full(
+        (current.num_layers, new_num_ranks - len(survivors), current.slots_per_rank), -1
+    )
+    origin = np.concatenate([current.by_rank()[:, survivors], added], axis=1)
+    return int(least_copies(origin, current.num_experts).sum())
 
 
 def _choose_sources(old_has: npt.NDArray[np.bool_], layer: IntArray, expert: IntArray) -> IntArray:

@@ -14,6 +14,7 @@ from eep_controller.planner.packing import (
     fill_free_slots,
     holders,
     holdings,
+    least_copies,
     slot_weights,
 )
 from eep_controller.planner.placement import REPLICA_CAPS, layer_balancedness
@@ -523,10 +524,7 @@ def _spread_refined(
 def _cheap_enough(plans: IntArray, weight: FloatArray, origin: IntArray) -> BoolArray:
     """Plans [N, R, S] that balance to CHOOSE_ABOVE with at most SPREAD_ENOUGH x the
     layer's fewest possible copies (every new slot and every orphan written)."""
-    num_experts = weight.shape[1]
-    least = np.maximum(
-        (origin < 0).sum(axis=(1, 2)), (count_replicas(origin, num_experts) == 0).sum(axis=1)
-    )
+    least = least_copies(origin, weight.shape[1])
     copies = (plans != origin).sum(axis=(1, 2))
     ok: BoolArray = (layer_balancedness(plans, weight) >= CHOOSE_ABOVE) & (
         copies <= SPREAD_ENOUGH * np.maximum(least, 1)
