@@ -12,7 +12,8 @@ from eep_controller.planner.packing import count_replicas, holdings, separate_du
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
-from eep_controller.planner.search import _prefer_kept, _spread, _sticky_hot
+from eep_controller.planner.search import _prefer_kept
+from eep_controller.planner.starts import spread_plan, sticky_hot_plan
 
 
 def _distinct_per_rank(phy: np.ndarray) -> bool:
@@ -278,12 +279,12 @@ def test_sticky_hot_frees_only_duplicates_and_places_every_orphan(
     kept = count_replicas(survivors, experts)
     total = ranks * slots
     need = np.maximum(kept, 1).sum(axis=1) - total
-    out = _sticky_hot(survivors, load, total)
+    out = sticky_hot_plan(survivors, load, total)
     if need.max() <= 0:
         assert out is None
         return
     assert out is not None
-    assert np.array_equal(out, _sticky_hot(survivors, load, total))  # deterministic
+    assert np.array_equal(out, sticky_hot_plan(survivors, load, total))  # deterministic
     # a valid full placement: every expert placed, none twice on a rank
     counts = count_replicas(out, experts)
     assert counts.min() >= 1 and counts.max() <= ranks
@@ -303,7 +304,7 @@ def test_sticky_hot_unloads_the_hottest_rank_first() -> None:
     # expert 2 on rank 1; expert 3 lost its only replica and must come back
     survivors = np.array([[[0, 1], [0, 2]]])
     weight = np.array([[10.0, 1.0, 2.0, 1.5]])
-    out = _sticky_hot(survivors, weight, 4)
+    out = sticky_hot_plan(survivors, weight, 4)
     assert out is not None
     # rank 1 (5 + 2) is hotter than rank 0 (5 + 1); its only replica with a sibling is
     # expert 0's, which makes way for the orphan
@@ -474,7 +475,7 @@ def test_spread_puts_every_spread_expert_on_every_rank_it_can(
     start = plan_placement(zipf_load(layers, experts, skew, seed=seed + 1), ranks, slots).by_rank()
     origin = start.copy()
     origin[:, ranks // 2 :] = -1  # half the ranks new, as after a scale-up
-    out, changed = _spread(start, load, origin)
+    out, changed = spread_plan(start, load, origin)
     before, counts = count_replicas(start, experts), count_replicas(out, experts)
     assert counts.min() >= 1  # never an expert's last replica
     assert all(len(set(rank)) == slots for row in out for rank in row)  # distinct per rank
@@ -497,10 +498,10 @@ def test_spread_gives_up_a_new_copy_before_a_kept_replica() -> None:
     load = np.array([[8.0, 1.0, 1.0, 2.0]])
     start = np.array([[[0, 2], [0, 3], [0, 1], [2, 3]]])
     new_copy = np.array([[[0, 2], [0, 3], [0, 1], [2, -1]]])  # rank 3's expert 3 is new
-    out, changed = _spread(start, load, new_copy)
+    out, changed = spread_plan(start, load, new_copy)
     assert changed.tolist() == [True]
     assert out[0, 3].tolist() == [2, 0]  # the new copy goes, though its share is larger
     kept = start.copy()  # both of rank 3's replicas are old: the lighter one goes
-    out, _ = _spread(start, load, kept)
+    out, _ = spread_plan(start, load, kept)
     assert out[0, 3].tolist() == [0, 3]
     assert np.array_equal(out[0, :3], start[0, :3])

@@ -193,20 +193,20 @@ def test_skewed_rescale_is_deterministic() -> None:
 
 def test_retargeted_keeps_wanted_survivors_and_places_only_the_deltas() -> None:
     from eep_controller.planner.packing import count_replicas
-    from eep_controller.planner.search import _retargeted
+    from eep_controller.planner.starts import retargeted_plan
 
     # one layer, 3 ranks x 2 slots; expert 0 held 3 times, target wants it once
     phy = np.array([[[0, 1], [0, 2], [0, 3]]])
     weight = np.array([[1.0, 4.0, 4.0, 4.0]])
     counts = np.array([[1, 2, 2, 1]])
-    out = _retargeted(phy, weight, counts)
+    out = retargeted_plan(phy, weight, counts)
     assert count_replicas(out, 4).tolist() == counts.tolist()
     assert int((out != phy).sum()) == 2  # only the two surplus copies of expert 0 change
 
 
 def test_drop_surplus_frees_exactly_the_surplus_on_the_hottest_ranks() -> None:
     from eep_controller.planner.packing import count_replicas
-    from eep_controller.planner.search import _drop_surplus
+    from eep_controller.planner.starts import _drop_surplus
 
     # expert 0 held 3 times, wanted once: the two hottest holders (ranks 1 and 2) free it
     phy = np.array([[[0, 1], [0, 2], [0, 3]], [[0, 1], [0, 2], [0, 3]]])
@@ -271,12 +271,12 @@ def test_rescue_refines_every_option_for_a_layer_the_search_left_short() -> None
         RESCUE_BELOW,
         _rescue,
         _retarget_options,
-        _sticky,
     )
+    from eep_controller.planner.starts import sticky_plan
 
     # a skewed shrink: the sticky plan alone (no refinement) balances far below the bar
     load, origin = skewed_shrink(2)
-    best = _sticky(origin, load, 8 * 10)
+    best = sticky_plan(origin, load, 8 * 10)
     assert np.all(layer_balancedness(best, load) < RESCUE_BELOW)
     weak = np.arange(2)
     plans, kind, row = _retarget_options(origin, load)
@@ -380,7 +380,7 @@ def test_failed_ranks_replaced_by_fewer_new_ones_fill_every_slot() -> None:
     drop replicas, the others have slots to spare. The hot-first start plan dropped only
     in the first kind and left the spare slots of the second empty."""
     from eep_controller.planner.packing import count_replicas
-    from eep_controller.planner.search import _sticky, _sticky_hot
+    from eep_controller.planner.starts import sticky_hot_plan, sticky_plan
 
     load = zipf_load(4, 12, 1.0, seed=0)
     current = plan_placement(load, 6, 3).by_rank()
@@ -388,11 +388,11 @@ def test_failed_ranks_replaced_by_fewer_new_ones_fill_every_slot() -> None:
     origin[:, :4] = current[:, [1, 2, 4, 5]]  # ranks 0 and 3 failed; one rank appended
     need = np.maximum(count_replicas(origin, 12), 1).sum(axis=1) - 5 * 3
     assert need.max() > 0 and need.min() < 0  # both kinds of layer in one batch
-    hot = _sticky_hot(origin, load, 5 * 3)
+    hot = sticky_hot_plan(origin, load, 5 * 3)
     assert hot is not None and hot.min() >= 0
     assert np.all(count_replicas(hot, 12) >= 1)
     spare = need < 0
-    assert np.array_equal(hot[spare], _sticky(origin, load, 5 * 3)[spare])
+    assert np.array_equal(hot[spare], sticky_plan(origin, load, 5 * 3)[spare])
 
 
 @settings(max_examples=80, deadline=None)
