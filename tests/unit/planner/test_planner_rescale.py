@@ -454,15 +454,33 @@ def _valid_rescale(load: np.ndarray, old: int, new: int, slots: int) -> RescaleP
     return plan
 
 
-def test_a_scale_up_whose_peak_ranks_tie_still_reaches_the_balance_goal() -> None:
-    # 32 -> 64 ranks of 9 slots under Zipf 1.2: the priced refinement stalls at 0.973 on
-    # every layer, with many ranks tied at the peak (unloading one does not lower the peak,
-    # so no single move pays for its copies); the last, unpriced pass must get past it
-    load = zipf_load(2, 256, 1.2, seed=3)
-    plan = _valid_rescale(load, 32, 64, 9)
+@pytest.mark.parametrize(
+    ("layers", "skew", "seed", "old", "new", "slots", "copy_ratio"),
+    [
+        # 32 -> 64 ranks of 9 slots under Zipf 1.2: the priced refinement stalls at 0.973 on
+        # every layer, with many ranks tied at the peak (unloading one does not lower the
+        # peak, so no single move pays for its copies); the last, unpriced pass must get past
+        # it, for copies close to the bound (the new ranks' slots, a few moves beyond them)
+        pytest.param(2, 1.2, 3, 32, 64, 9, 1.2, id="peak-ranks-tie"),
+        # 48 -> 64 ranks of 12 slots under Zipf 1.2: the sticky plan gives the hottest expert
+        # (16 ranks' worth of load) 58 replicas; the 6 ranks without it stay light, and giving
+        # one of them a replica would lift it above the peak, so refinement stalls at 0.969
+        # and only the replica-count options reach the goal, at 2.16x the bound. Spread to
+        # every rank, it refines to 0.993 at 1.19x
+        pytest.param(1, 1.2, 0, 48, 64, 12, 1.3, id="hottest-expert-spread"),
+        # 56 -> 64 ranks of 6 slots under Zipf 1.2: the spread plan reaches 0.990 but at 3.5x
+        # the bound; taken before every option is refined in full, it would beat the 2.6x plan
+        # that refinement finds, since the layer was short of the goal until then
+        pytest.param(1, 1.2, 0, 56, 64, 6, 2.7, id="costly-spread-still-competes"),
+    ],
+)
+def test_a_scale_up_that_stalls_still_reaches_the_balance_goal_near_the_bound(
+    layers: int, skew: float, seed: int, old: int, new: int, slots: int, copy_ratio: float
+) -> None:
+    load = zipf_load(layers, 256, skew, seed=seed)
+    plan = _valid_rescale(load, old, new, slots)
     assert plan.stats["balancedness_after"] >= 0.99
-    # for copies close to the bound: the new ranks' slots, and a few moves beyond them
-    assert plan.stats["copies"] <= 1.2 * plan.stats["lower_bound"]
+    assert plan.stats["copies"] <= copy_ratio * plan.stats["lower_bound"]
 
 
 def test_a_halving_whose_search_stops_between_097_and_099_gets_every_target_in_full() -> None:
@@ -492,28 +510,6 @@ def test_a_layer_the_full_refinement_of_every_target_leaves_short_gets_the_unpri
     # 0.981, and only the unpriced pass run after that refinement lifts it to the goal
     plan = _valid_rescale(_layer_of_a_mix(1, 55), 48, 64, 9)
     assert plan.stats["balancedness_after"] >= 0.99
-
-
-def test_a_scale_up_whose_hottest_expert_misses_some_ranks_spreads_it_to_every_rank() -> None:
-    # 48 -> 64 ranks of 12 slots under Zipf 1.2: the sticky plan gives the hottest expert
-    # (16 ranks' worth of load) 58 replicas; the 6 ranks without it stay light, and giving
-    # one of them a replica would lift it above the peak, so refinement stalls at 0.969 and
-    # only the replica-count options reach the goal, at 2.16x the bound. Spread to every
-    # rank, it refines to 0.993 at 1.19x
-    load = zipf_load(1, 256, 1.2, seed=0)
-    plan = _valid_rescale(load, 48, 64, 12)
-    assert plan.stats["balancedness_after"] >= 0.99
-    assert plan.stats["copies"] <= 1.3 * plan.stats["lower_bound"]
-
-
-def test_a_spread_plan_costing_many_copies_still_competes_with_every_option() -> None:
-    # 56 -> 64 ranks of 6 slots under Zipf 1.2: the spread plan reaches 0.990 but at 3.5x
-    # the bound; taken before every option is refined in full, it would beat the 2.6x plan
-    # that refinement finds, since the layer was short of the goal until then
-    load = zipf_load(1, 256, 1.2, seed=0)
-    plan = _valid_rescale(load, 56, 64, 6)
-    assert plan.stats["balancedness_after"] >= 0.99
-    assert plan.stats["copies"] <= 2.7 * plan.stats["lower_bound"]
 
 
 def test_layers_the_search_leaves_below_the_goal_take_a_fresh_plan() -> None:
