@@ -30,6 +30,7 @@ from eep_agent.worker_pool import WorkerPool
 from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.protocol import NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace, PrefixWatch
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,7 @@ class AgentDaemon:
         self.stopping.set()
         if self._watch is not None:
             self._watch.close()
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._background)
         await self.reconciler.shutdown()
         await self.pool.stop_all()
         if self.registration is not None:

@@ -18,6 +18,7 @@ from typing import Any
 from eep_agent.op_driver import OpDriver, fenced
 from eep_agent.worker_pool import WorkerHandle
 from eep_controller.protocol import ACKED_PHASES, Operation, OpState
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,4 @@ class NodeReconciler:
         await self.driver.load_committed(deployment, index)
 
     async def shutdown(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(list(self._tasks.values()))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from eep_controller.protocol import NodeInfo
 from eep_controller.store import EtcdStore, KeptLease
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ class NodeRegistration:
     async def stop(self) -> None:
         """Deregister: revoke the lease so the node key vanishes at once."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self.lease is not None:
             await self.lease.stop(revoke=True)
         self.registered.clear()

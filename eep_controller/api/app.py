@@ -17,6 +17,7 @@ from eep_controller.api.problems import Problem, install_problem_handlers, probl
 from eep_controller.api.routes import deployments, health, layouts, nodes, operations, stream
 from eep_controller.errors import EepError
 from eep_controller.planner.workers import configure_workers, shutdown_workers
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,7 @@ def create_app(
         try:
             yield
         finally:
-            for task in ctx.background:
-                task.cancel()
-            for task in ctx.background:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(ctx.background)
             ctx.background.clear()
             await ctx.election.stop()
             await asyncio.to_thread(shutdown_workers)

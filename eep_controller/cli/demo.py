@@ -29,6 +29,7 @@ from eep_controller.config import Settings
 from eep_controller.probe import ProbeClient, ProbeResult, write_synthetic
 from eep_controller.protocol import Layout, NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
+from eep_controller.tasks import cancel_and_wait
 
 console = make_console(stderr=True)
 
@@ -255,9 +256,7 @@ class Demo:
         finally:
             stop_traffic.set()
             if traffic_task is not None:
-                traffic_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await traffic_task
+                await cancel_and_wait(traffic_task)
             await self._stop_agents()
             if self.store is not None:
                 await self.store.close()
@@ -265,9 +264,7 @@ class Demo:
             try:
                 await asyncio.wait_for(server, 30)
             except (asyncio.TimeoutError, Exception):
-                server.cancel()
-                with contextlib.suppress(BaseException):
-                    await server
+                await cancel_and_wait(server)
             if runtime.embedded is not None:
                 runtime.embedded.stop()
             if self.own_dir and ok:

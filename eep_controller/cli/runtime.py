@@ -27,10 +27,17 @@ from eep_controller.store import (
     connection_from_settings,
     free_port,
 )
+from eep_controller.tasks import describe_pending_tasks
 
 log = logging.getLogger(__name__)
 
 HARD_STOP_S = 30.0
+
+
+def _log_pending_tasks() -> None:
+    log.error(
+        "shutdown still running after %ss; tasks:\n%s", HARD_STOP_S / 2, describe_pending_tasks()
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -123,8 +130,10 @@ class ControllerRuntime:
             if server.should_exit:
                 return
             server.should_exit = True
-            # a shutdown must never hang: show where it is stuck, then stop hard
+            # a shutdown must never hang: show where it is stuck (threads and tasks), then
+            # stop hard
             faulthandler.dump_traceback_later(HARD_STOP_S / 2, exit=False)
+            loop.call_later(HARD_STOP_S / 2, _log_pending_tasks)
             loop.call_later(HARD_STOP_S, self._hard_stop)
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -11,6 +10,7 @@ from pydantic import BaseModel
 
 from eep_controller.store.client import EtcdStore
 from eep_controller.store.lease import KeptLease
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class LeaderElection:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
         self._leader = False
         if self.lease is not None:
             await self.lease.stop(revoke=True)

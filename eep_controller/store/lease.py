@@ -8,6 +8,7 @@ import logging
 import time
 
 from eep_controller.store.client import EtcdStore, StoreUnavailable
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ class KeptLease:
     async def stop(self, *, revoke: bool = True) -> None:
         """Stop refreshing; with ``revoke`` the lease's keys vanish at once."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if revoke and self.id and not self.lost.is_set():
             with contextlib.suppress(Exception):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -15,6 +14,7 @@ from pydantic import ValidationError
 from eep_controller.api.auth import reader
 from eep_controller.protocol import Event
 from eep_controller.store import PrefixWatch, WatchEvent
+from eep_controller.tasks import cancel_and_wait
 
 router = APIRouter(tags=["events"], dependencies=[Depends(reader)])
 
@@ -62,9 +62,7 @@ async def stream(
                 yield f"id: {event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
         finally:
             watch.close()
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await cancel_and_wait(task)
 
     return StreamingResponse(
         frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

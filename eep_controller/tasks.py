@@ -1,0 +1,64 @@
+"""Stopping asyncio tasks for certain, and showing the ones that will not stop.
+
+One ``task.cancel()`` is not always enough. Before Python 3.12, ``asyncio.wait_for``
+returns the inner result when the cancellation arrives just as the inner awaitable
+finishes, so a ``while True`` loop that awaits it (an etcd call with a deadline, a wake-up
+with a timeout) can swallow the cancel and run on; whoever then awaits the task waits
+forever. ``cancel_and_wait`` cancels again until the task has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RECANCEL_S = 0.5
+
+
+async def cancel_and_wait(
+    tasks: asyncio.Future[Any] | Iterable[asyncio.Future[Any]], *, recancel_s: float = RECANCEL_S
+) -> None:
+    """Cancel every task and return once all have ended, cancelling again every ``recancel_s``.
+
+    A task's own exception (other than its cancellation) is logged, not raised: the caller
+    is shutting it down either way.
+    """
+    every = [tasks] if isinstance(tasks, asyncio.Future) else list(tasks)
+    pending = set(every)
+    rounds = 0
+    while pending:
+        for task in pending:
+            task.cancel()
+        if rounds == 1:
+            log.warning(
+                "%d task(s) ignored a cancel; cancelling again: %s",
+                len(pending),
+                ", ".join(_name(t) for t in pending),
+            )
+        rounds += 1
+        _, pending = await asyncio.wait(pending, timeout=recancel_s)
+    for task in every:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", _name(task), task.exception())
+
+
+def _name(task: asyncio.Future[Any]) -> str:
+    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+
+
+def describe_pending_tasks(limit: int = 20) -> str:
+    """The stacks of this loop's unfinished tasks, for a log line when a shutdown is stuck."""
+    current = asyncio.current_task()
+    lines: list[str] = []
+    for task in asyncio.all_tasks():
+        if task is current:
+            continue
+        lines.append(f"task {task.get_name()}: {task.get_coro()!r}")
+        for frame in task.get_stack(limit=limit):
+            code = frame.f_code
+            lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+    return "\n".join(lines) if lines else "(no other tasks)"
