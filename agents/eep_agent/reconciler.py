@@ -49,6 +49,11 @@ class NodeReconciler:
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed: %s", key, task.exception())
 
+    async def _abort(self, op: Operation, acts: list[asyncio.Task[None]]) -> None:
+        """Undo this node's part of ``op`` once none of its phase actions still runs."""
+        await cancel_and_wait(acts)
+        await self.driver.abort(op)
+
     def busy(self, deployment: str, device_index: int) -> bool:
         return any(
             k[1:3] == (deployment, device_index) for k in self._tasks if k[0] in ("stop", "restart")
@@ -81,9 +86,8 @@ class NodeReconciler:
             if op.state is OpState.ABORTED:
                 if op.id not in self._aborted and committed != op.to_generation:
                     self._aborted.add(op.id)
-                    for key in [k for k in self._tasks if k[0] == "act" and k[1] == op.id]:
-                        self._tasks[key].cancel()
-                    self._spawn(("abort", op.id), self.driver.abort(op))
+                    acts = [t for k, t in self._tasks.items() if k[0] == "act" and k[1] == op.id]
+                    self._spawn(("abort", op.id), self._abort(op, acts))
                 continue
             if op.state.terminal:
                 continue

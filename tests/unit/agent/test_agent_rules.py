@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from eep_agent.op_driver import fenced
+from eep_agent.reconciler import NodeReconciler
 from eep_agent.view import DeploymentView
 
 from eep_controller.probe import CheckpointReader
@@ -96,3 +99,34 @@ def test_make_checkpoint_writes_a_deterministic_checkpoint(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode != 0 and "top_k" in bad.stderr
+
+
+async def test_an_abort_starts_only_after_the_ops_phase_actions_have_ended() -> None:
+    """An action that swallows its first cancel (the ``wait_for`` race) still ends first."""
+    events: list[str] = []
+
+    async def act() -> None:
+        swallowed = False
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                events.append("cancel")
+                if swallowed:
+                    events.append("act ended")
+                    raise
+                swallowed = True
+
+    class Driver:
+        view = DeploymentView(KeySpace("/p"))
+        pool = None
+        node = SimpleNamespace(node_id="n1")
+
+        async def abort(self, op: Operation) -> None:
+            events.append(f"abort {op.id}")
+
+    reconciler = NodeReconciler(Driver())  # type: ignore[arg-type]
+    task = asyncio.create_task(act())
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(reconciler._abort(_op(OpState.ABORTED), [task]), 5)
+    assert events == ["cancel", "cancel", "act ended", "abort op-1"]
