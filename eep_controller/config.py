@@ -100,6 +100,12 @@ class ServerSettings(_Group):
     port: int = Field(default=8080, ge=0, le=65535)
     insecure: bool = False
     max_body_bytes: int = Field(default=1 << 20, gt=0)
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a shutdown still running after this stops hard (exit code 3); "
+        "at half of it every thread's and task's stack is logged",
+    )
 
 
 class ElectionSettings(_Group):

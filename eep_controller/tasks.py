@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from types import FrameType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,31 @@ def _name(task: asyncio.Future[Any]) -> str:
 
 
 def describe_pending_tasks(limit: int = 20) -> str:
-    """The stacks of this loop's unfinished tasks, for a log line when a shutdown is stuck."""
+    """The await chain of this loop's unfinished tasks, for a log line when a shutdown is stuck."""
     current = asyncio.current_task()
     lines: list[str] = []
-    for task in asyncio.all_tasks():
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
         if task is current:
             continue
-        lines.append(f"task {task.get_name()}: {task.get_coro()!r}")
-        for frame in task.get_stack(limit=limit):
+        lines.append(f"task {task.get_name()}:")
+        for frame in _await_chain(task.get_coro(), limit):
             code = frame.f_code
             lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
     return "\n".join(lines) if lines else "(no other tasks)"
+
+
+def _await_chain(obj: Any, limit: int) -> list[FrameType]:
+    """The frames from a coroutine down what it awaits (coroutines, generators, async
+    generators), outermost first; ``Task.get_stack`` shows only the outermost."""
+    frames: list[FrameType] = []
+    while obj is not None and len(frames) < limit:
+        frame = next(
+            (f for a in ("cr_frame", "gi_frame", "ag_frame") if (f := getattr(obj, a, None))), None
+        )
+        if frame is not None:
+            frames.append(frame)
+        obj = next(
+            (o for a in ("cr_await", "gi_yieldfrom", "ag_await") if (o := getattr(obj, a, None))),
+            None,
+        )
+    return frames

@@ -31,13 +31,9 @@ from eep_controller.tasks import describe_pending_tasks
 
 log = logging.getLogger(__name__)
 
-HARD_STOP_S = 30.0
 
-
-def _log_pending_tasks() -> None:
-    log.error(
-        "shutdown still running after %ss; tasks:\n%s", HARD_STOP_S / 2, describe_pending_tasks()
-    )
+def _log_pending_tasks(after_s: float) -> None:
+    log.error("shutdown still running after %ss; tasks:\n%s", after_s, describe_pending_tasks())
 
 
 def is_loopback(host: str) -> bool:
@@ -83,7 +79,10 @@ class ControllerRuntime:
         return [self.embedded.endpoint]
 
     def _hard_stop(self) -> None:
-        log.error("shutdown did not finish within %ss; stopping hard", HARD_STOP_S)
+        log.error(
+            "shutdown did not finish within %ss; stopping hard",
+            self.settings.server.shutdown_timeout_s,
+        )
         if self.embedded is not None:
             self.embedded.stop(timeout_s=5)
         os._exit(3)
@@ -132,9 +131,10 @@ class ControllerRuntime:
             server.should_exit = True
             # a shutdown must never hang: show where it is stuck (threads and tasks), then
             # stop hard
-            faulthandler.dump_traceback_later(HARD_STOP_S / 2, exit=False)
-            loop.call_later(HARD_STOP_S / 2, _log_pending_tasks)
-            loop.call_later(HARD_STOP_S, self._hard_stop)
+            bound = s.server.shutdown_timeout_s
+            faulthandler.dump_traceback_later(bound / 2, exit=False)
+            loop.call_later(bound / 2, _log_pending_tasks, bound / 2)
+            loop.call_later(bound, self._hard_stop)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):

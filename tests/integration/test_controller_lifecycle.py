@@ -165,3 +165,32 @@ def test_python_m_entry_points_exist() -> None:
             [sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0, out.stderr
+
+
+def test_a_shutdown_held_past_its_bound_logs_the_stuck_tasks_and_stops_hard(
+    tmp_path: Path, prefix: str
+) -> None:
+    """An open event stream holds the graceful HTTP shutdown for 5 s; with a 2 s bound the
+    controller logs every task's stack at 1 s and exits with code 3 at 2 s, etcd stopped."""
+    proc = start(
+        "controller",
+        [str(BIN / "eep-controller"), "serve", "--port", "0", "--data-dir", str(tmp_path / "etcd")],
+        {"EEP_ETCD_PREFIX": prefix, "EEP_SERVER_SHUTDOWN_TIMEOUT_S": "2"},
+    )
+    url = proc.wait_ready()
+    m = wait_for(
+        lambda: re.search(r"embedded etcd .* pid (\d+)", proc.output()), 5, what="etcd pid"
+    )
+    with httpx.stream("GET", f"{url}/v1/events", timeout=30) as stream:
+        assert stream.status_code == 200
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.popen.wait(20)
+        took = time.monotonic() - started
+    out = proc.output()
+    assert code == 3, out[-3000:]
+    assert 1.5 < took < 10, took
+    assert "shutdown still running after 1.0s; tasks:" in out
+    assert "task http-server:" in out  # the server task, stuck closing the open stream
+    assert "shutdown did not finish within 2.0s; stopping hard" in out
+    wait_for(lambda: not _pid_alive(int(m.group(1))), 10, what="embedded etcd to exit")

@@ -109,3 +109,4 @@ def test_pending_tasks_are_described_with_their_await_chain() -> None:
     text = asyncio.run(main())
     assert "task stuck-on-lock" in text
     assert "in waits_on_a_lock" in text
+    assert "in acquire" in text  # the chain goes down to what the task waits on
