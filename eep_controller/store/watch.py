@@ -12,6 +12,7 @@ from typing import Any
 from aetcd import exceptions as etcd_errors
 
 from eep_controller.store.client import EtcdStore
+from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,8 @@ class PrefixWatch:
                 yield WatchEvent(kv.key.decode(), value, int(kv.mod_revision))
         finally:
             stopper.cancel()
-            if nxt is not None and not nxt.done():
-                nxt.cancel()
             if nxt is not None:
                 with contextlib.suppress(BaseException):
-                    await nxt
+                    await cancel_and_wait(nxt)
             with contextlib.suppress(Exception):
                 await watch.cancel()
