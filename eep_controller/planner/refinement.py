@@ -30,7 +30,7 @@ CANDIDATE_SLOTS = 64
 # Slots of the hottest rank considered per step: its heaviest ones.
 HOT_SLOTS = 12
 # From this many slots per rank `pair_swaps` sorts instead of forming all S x S sums.
-SORTED_SUMS_FROM = 16
+SORTED_SUMS_FROM = 56
 # Slots already holding a new copy that rows with partners also look at (see module doc).
 PARTNER_SLOTS = 9
 # ... found on this many ranks next in lightness after the light ranks.
@@ -181,12 +181,8 @@ def refine(
         if xr.size:
             x_holders = held_flat.take(active[xr] * num_experts + e_j[xr, xj], axis=0)  # [m, R]
             x_holders[np.arange(xr.size), q_rank[xr, xj]] = False
-            # holders are few: take the max over them only (loads + 1 > 0 = no holder)
-            hr, hc = np.nonzero(x_holders)
-            x_max = np.zeros(xr.size)
-            if hr.size:
-                starts = np.flatnonzero(np.concatenate(([True], hr[1:] != hr[:-1])))
-                x_max[hr[starts]] = np.maximum.reduceat(others[xr[hr], hc], starts)
+            # loads + 1 > 0, so 0 stands for "no holder"
+            x_max = np.where(x_holders, others[xr], 0.0).max(axis=1)
             x_peak = np.full((n, width), -np.inf)
             x_peak[xr, xj] = x_max - 1.0 + drop_rise[xr, xj]
             np.maximum(peak, x_peak[:, None, :], out=peak)
