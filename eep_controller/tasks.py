@@ -5,13 +5,18 @@ returns the inner result when the cancellation arrives just as the inner awaitab
 finishes, so a ``while True`` loop that awaits it (an etcd call with a deadline, a wake-up
 with a timeout) can swallow the cancel and run on; whoever then awaits the task waits
 forever. ``cancel_and_wait`` cancels again until the task has ended.
+
+A shutdown must end even when something does not: ``arm_shutdown_watchdog`` logs where it
+is stuck (every thread, every task's await chain) at half its bound and stops the process
+hard at the bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -80,3 +85,28 @@ def _await_chain(obj: Any, limit: int) -> list[FrameType]:
             None,
         )
     return frames
+
+
+def arm_shutdown_watchdog(
+    loop: asyncio.AbstractEventLoop,
+    bound_s: float,
+    hard_stop: Callable[[], None],
+    logger: logging.Logger = log,
+) -> None:
+    """Bound a shutdown that has just begun: at ``bound_s / 2`` dump every thread's stack
+    (faulthandler, to stderr) and log every task's await chain; at ``bound_s`` call
+    ``hard_stop`` (which ends the process). ``disarm_shutdown_watchdog`` stops the dump
+    once the shutdown has finished; the process is gone by then, so the calls scheduled
+    on the loop never run."""
+    half = bound_s / 2
+    faulthandler.dump_traceback_later(half, exit=False)
+
+    def log_tasks() -> None:
+        logger.error("shutdown still running after %ss; tasks:\n%s", half, describe_pending_tasks())
+
+    loop.call_later(half, log_tasks)
+    loop.call_later(bound_s, hard_stop)
+
+
+def disarm_shutdown_watchdog() -> None:
+    faulthandler.cancel_dump_traceback_later()

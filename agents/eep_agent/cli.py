@@ -51,6 +51,12 @@ def run(
     load_interval: float = typer.Option(
         2.0, min=0.1, help="seconds between load-window publications"
     ),
+    shutdown_timeout: float = typer.Option(
+        60.0,
+        min=1.0,
+        envvar="EEP_AGENT_SHUTDOWN_TIMEOUT_S",
+        help="seconds a shutdown may take; then the workers are killed and the agent exits 3",
+    ),
 ) -> None:
     """Register this node and run its workers until SIGTERM."""
     from eep_agent.daemon import AgentDaemon
@@ -79,6 +85,7 @@ def run(
         labels=_labels(label),
         load_interval_s=load_interval,
         worker_log_level=worker_log_level.upper(),
+        shutdown_timeout_s=shutdown_timeout,
     )
     asyncio.run(AgentDaemon(settings).run())
 

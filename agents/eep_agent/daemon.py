@@ -6,7 +6,10 @@ runs :meth:`NodeReconciler.reconcile_once`. An etcd restart only pauses the watc
 lease keep-alive; the registration re-registers if the lease was lost.
 
 Shutdown (SIGTERM/SIGINT): stop acting, stop every worker cleanly, revoke the lease (the
-node key vanishes at once), stop HTTP.
+node key vanishes at once), stop HTTP. A shutdown still running after
+``shutdown_timeout_s`` (a worker that neither stops nor dies, say) logs where it is stuck at
+half that time, then kills every worker process by pid and exits with code 3, so no worker
+outlives its agent.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +35,11 @@ from eep_agent.worker_pool import WorkerPool
 from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.protocol import NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace, PrefixWatch
-from eep_controller.tasks import cancel_and_wait
+from eep_controller.tasks import (
+    arm_shutdown_watchdog,
+    cancel_and_wait,
+    disarm_shutdown_watchdog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +95,7 @@ class AgentDaemon:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.stopping.set)
+                loop.add_signal_handler(sig, self._on_signal)
         address = await self._start_http()
         info = NodeInfo(
             node_id=self.settings.node_id,
@@ -115,7 +124,32 @@ class AgentDaemon:
         )
         print(f"eep-agent {info.node_id} ready at {address}", flush=True)
         await self.stopping.wait()
-        await self.shutdown()
+        try:
+            await self.shutdown()
+        finally:
+            disarm_shutdown_watchdog()
+
+    def _on_signal(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        arm_shutdown_watchdog(
+            asyncio.get_running_loop(), self.settings.shutdown_timeout_s, self._hard_stop, log
+        )
+
+    def _hard_stop(self) -> None:
+        children = multiprocessing.active_children()
+        log.error(
+            "shutdown did not finish within %ss; killing %d worker process(es) %s and stopping hard",
+            self.settings.shutdown_timeout_s,
+            len(children),
+            [c.pid for c in children],
+        )
+        for child in children:
+            if child.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(child.pid, signal.SIGKILL)
+        os._exit(3)
 
     async def _watch_deployments(self) -> None:
         self._watch = PrefixWatch(self.store, self.store.keys.deployments())

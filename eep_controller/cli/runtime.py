@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
 import ipaddress
 import logging
 import os
@@ -27,13 +26,9 @@ from eep_controller.store import (
     connection_from_settings,
     free_port,
 )
-from eep_controller.tasks import describe_pending_tasks
+from eep_controller.tasks import arm_shutdown_watchdog, disarm_shutdown_watchdog
 
 log = logging.getLogger(__name__)
-
-
-def _log_pending_tasks(after_s: float) -> None:
-    log.error("shutdown still running after %ss; tasks:\n%s", after_s, describe_pending_tasks())
 
 
 def is_loopback(host: str) -> bool:
@@ -131,10 +126,7 @@ class ControllerRuntime:
             server.should_exit = True
             # a shutdown must never hang: show where it is stuck (threads and tasks), then
             # stop hard
-            bound = s.server.shutdown_timeout_s
-            faulthandler.dump_traceback_later(bound / 2, exit=False)
-            loop.call_later(bound / 2, _log_pending_tasks, bound / 2)
-            loop.call_later(bound, self._hard_stop)
+            arm_shutdown_watchdog(loop, s.server.shutdown_timeout_s, self._hard_stop, log)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -152,6 +144,6 @@ class ControllerRuntime:
         try:
             await task
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            disarm_shutdown_watchdog()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(store.close(), 5)

@@ -148,6 +148,47 @@ async def test_sigterm_stops_the_workers_and_revokes_the_lease_at_once(
     )
 
 
+async def test_a_shutdown_held_past_its_bound_kills_the_workers_and_exits_3(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    """A worker that can neither answer nor die of SIGTERM (stopped with SIGSTOP) holds the
+    clean shutdown for ~20 s; with a 2 s bound the agent logs its stuck tasks at 1 s, then
+    kills every worker by pid and exits with code 3: no worker outlives its agent."""
+    driver = small_driver
+    proc = start_agent(etcd, prefix, "a", 2, env={"EEP_AGENT_SHUTDOWN_TIMEOUT_S": "2"})
+    agents.append(proc)
+    assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+    pids = [w["pid"] for w in httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]]
+    assert len(pids) == 2
+    stuck = pids[0]
+    psutil.Process(stuck).suspend()  # SIGSTOP
+    try:
+        start = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.popen.wait(20)
+        took = time.monotonic() - start
+        out = proc.output()
+        assert code == 3, out[-3000:]
+        assert 1.5 < took < 10, took
+        assert "shutdown still running after 1.0s; tasks:" in out
+        assert "shutdown did not finish within 2.0s; killing" in out
+        assert str(stuck) in out.split("shutdown did not finish", 1)[1].splitlines()[0]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(p) for p in pids):
+            await asyncio.sleep(0.1)
+        assert not any(_running(p) for p in pids)
+    finally:
+        if _running(stuck):
+            psutil.Process(stuck).kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 async def test_forward_endpoint_answers_409_stale_layout_for_experts_a_worker_does_not_hold(
     etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
 ) -> None:
