@@ -177,14 +177,19 @@ def refine(
         others = row_loads + 1.0
         others[rows, hot] = 0.0
         bound = others.max(axis=1)[:, None] - 1.0 + drop_rise  # >= x_peak (same rounding)
-        xr, xj = np.nonzero((c_j >= 2) & (bound > peak.min(axis=1)))
-        if xr.size:
-            x_holders = held_flat.take(active[xr] * num_experts + e_j[xr, xj], axis=0)  # [m, R]
-            x_holders[np.arange(xr.size), q_rank[xr, xj]] = False
-            # loads + 1 > 0, so 0 stands for "no holder"
-            x_max = np.where(x_holders, others[xr], 0.0).max(axis=1)
-            x_peak = np.full((n, width), -np.inf)
-            x_peak[xr, xj] = x_max - 1.0 + drop_rise[xr, xj]
+        near = (c_j >= 2) & (bound > peak.min(axis=1))
+        if near.any():
+            # holders [n, J, R] of every candidate's expert, q excepted; the max of their
+            # loads + 1 over them (0: no holder) is taken without gathering the loads
+            x_holders = held_flat.take(a_col * num_experts + e_j, axis=0)
+            x_holders[r_col, np.arange(width), q_rank] = False
+            x_max = np.max(
+                np.broadcast_to(others[:, None, :], x_holders.shape),
+                axis=2,
+                where=x_holders,
+                initial=0.0,
+            )
+            x_peak = np.where(near, x_max - 1.0 + drop_rise, -np.inf)
             np.maximum(peak, x_peak[:, None, :], out=peak)
         gain_rep = h3 - peak
         d_rep = np.not_equal(e_i[:, :, None], o_j[:, None, :]).astype(np.int8) - fresh_j[:, None, :]
