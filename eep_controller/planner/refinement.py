@@ -60,10 +60,16 @@ def refine(
     if ranks < 2 or batch == 0:
         return phy
     num_experts = weight.shape[1]
-    counts = count_replicas(phy, num_experts)
+    counts = np.ascontiguousarray(count_replicas(phy, num_experts))
     # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
     held = holders(phy, num_experts)
     held_flat = held.reshape(batch * num_experts, ranks)  # a view: updates to held show
+    held_bits = held.reshape(-1)  # also a view; one flat take beats a three-index gather
+    # flat views for the same reason (phy is this call's own copy, so updates show)
+    phy_bits = phy.reshape(-1)
+    origin_bits = np.ascontiguousarray(origin).reshape(-1)
+    weight_bits = np.ascontiguousarray(weight).reshape(-1)
+    counts_bits = counts.reshape(-1)
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     mean = loads.mean(axis=1)
     price = penalty * mean
@@ -110,18 +116,21 @@ def refine(
             q_rank = np.concatenate([q_rank, p_rank], axis=1)
             q_slot = np.concatenate([q_slot, p_slot], axis=1)
         width = q_rank.shape[1]
-        e_j = phy[a_col, q_rank, q_slot]
-        o_j = origin[a_col, q_rank, q_slot]
+        at_j = (a_col * ranks + q_rank) * slots + q_slot
+        e_j = phy_bits.take(at_j)
+        o_j = origin_bits.take(at_j)
         l_q = row_loads[r_col, q_rank]
         if some:
             # a barred candidate rank counts as infinitely loaded: no move onto it gains
             l_q[:, step_light * slots :][~(p_ok & mine[:, None])] = np.inf
             if not every:
                 l_q[mine, light_p * slots : light * slots] = np.inf
-        e_i = phy[active, hot, :]  # [n, S]
-        o_i = origin[active, hot, :]
-        w_i = weight[a_col, e_i]
-        c_i = counts[a_col, e_i]
+        at_i = (a_col * ranks + hot[:, None]) * slots + all_slots[:n]
+        e_i = phy_bits.take(at_i)  # [n, S]
+        o_i = origin_bits.take(at_i)
+        e_at_i = a_col * num_experts + e_i
+        w_i = weight_bits.take(e_at_i)
+        c_i = counts_bits.take(e_at_i)
         if hot_width < slots:
             # only the hottest rank's heaviest slots are candidates
             pick_i = np.argsort(-(w_i / c_i), axis=1, kind="stable")[:, :hot_width]
@@ -129,10 +138,12 @@ def refine(
             o_i = np.take_along_axis(o_i, pick_i, axis=1)
             w_i = np.take_along_axis(w_i, pick_i, axis=1)
             c_i = np.take_along_axis(c_i, pick_i, axis=1)
+            e_at_i = a_col * num_experts + e_i
         else:
             pick_i = all_slots
-        w_j = weight[a_col, e_j]
-        c_j = counts[a_col, e_j]
+        e_at_j = a_col * num_experts + e_j
+        w_j = weight_bits.take(e_at_j)
+        c_j = counts_bits.take(e_at_j)
         share_i = w_i / c_i
         share_j = w_j / c_j
         tol = 1e-9 * hot_load[:, None, None]
@@ -141,13 +152,13 @@ def refine(
         # q_has_i[n, i, j]: the rank of candidate slot j holds expert e_i; without partners
         # computed per light rank and broadcast over its slots (j = light rank j // S, slot j % S)
         if some:
-            q_has_i = held[a_col[:, :, None], e_i[:, :, None], q_rank[:, None, :]]
+            q_has_i = held_bits.take((e_at_i * ranks)[:, :, None] + q_rank[:, None, :])
         else:
-            q_has = held[a_col[:, :, None], e_i[:, :, None], lightest[:, None, :]]  # [n, S, L]
+            q_has = held_bits.take((e_at_i * ranks)[:, :, None] + lightest[:, None, :])  # [n, S, L]
             q_has_i = np.broadcast_to(q_has[..., None], (n, hot_width, step_light, slots)).reshape(
                 n, hot_width, -1
             )
-        h_has_j = held[a_col, e_j, hot[:, None]]  # [n, J]
+        h_has_j = held_bits.take(e_at_j * ranks + hot[:, None])  # [n, J]
         fresh_i = e_i != o_i
         fresh_j = e_j != o_j
         price3 = price[active][:, None, None]
@@ -260,7 +271,10 @@ def _partner_slots(
     whether each was found (a row may have fewer)."""
     n, slots = active.size, phy.shape[2]
     rows = active[:, None]
-    found = (phy[rows, ranks] != origin[rows, ranks]).reshape(n, -1)  # [n, K * S], in order
+    at = rows * phy.shape[1] + ranks  # [n, K] rows of the [B * R, S] views
+    found = (  # [n, K * S], in order
+        phy.reshape(-1, slots).take(at, axis=0) != origin.reshape(-1, slots).take(at, axis=0)
+    ).reshape(n, -1)
     seen = np.cumsum(found, axis=1)
     rr, cc = np.nonzero(found & (seen <= PARTNER_SLOTS))
     nth = seen[rr, cc] - 1
