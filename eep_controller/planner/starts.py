@@ -74,17 +74,29 @@ def _add_replicas(phy: IntArray, weight: FloatArray, counts: IntArray, total: in
 
 def _target_counts(phy: IntArray, weight: FloatArray, total: int) -> IntArray:
     """Replica counts to aim for: every surviving replica (orphans get one), trimmed to
-    `total` by the greedy in reverse (drop where the remaining share stays smallest)."""
-    counts = np.maximum(count_replicas(phy, weight.shape[1]), 1)
+    `total` by the greedy in reverse (drop where the remaining share stays smallest).
+
+    The greedy drops, one at a time, a replica of the expert whose share with one replica
+    fewer, w / (c - 1), is smallest (the lowest expert id on ties). An expert's candidate
+    shares w / d (d = c - 1 down to 1) only grow as it loses replicas, so the greedy drops
+    exactly the `excess` smallest of all candidates in (share, expert) order: one sort."""
+    num_experts = weight.shape[1]
+    counts = np.maximum(count_replicas(phy, num_experts), 1)
     excess = counts.sum(axis=1) - total
-    for _ in range(int(excess.max(initial=0))):
-        rows = np.flatnonzero(excess > 0)
-        if rows.size == 0:
-            break
-        cnt = counts[rows]
-        loss = np.where(cnt >= 2, weight[rows] / np.maximum(cnt - 1, 1), np.inf)
-        counts[rows, np.argmin(loss, axis=1)] -= 1
-        excess[rows] -= 1
+    rows = np.flatnonzero(excess > 0)
+    if rows.size == 0:
+        return counts
+    extra = (counts[rows] - 1).ravel()  # droppable replicas per (row, expert)
+    pair = np.repeat(np.arange(extra.size), extra)  # one entry per candidate
+    first = np.cumsum(extra) - extra
+    divisor = np.arange(pair.size) - first[pair] + 1  # d = 1 .. c - 1
+    row, expert = np.divmod(pair, num_experts)
+    share = weight[rows[row], expert] / divisor
+    order = np.lexsort((expert, share, row))
+    row, expert = row[order], expert[order]
+    nth = np.arange(row.size) - np.searchsorted(row, row)  # position within its row
+    drop = nth < excess[rows[row]]
+    np.subtract.at(counts, (rows[row[drop]], expert[drop]), 1)
     return counts
 
 

@@ -13,7 +13,7 @@ from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
 from eep_controller.planner.search import _prefer_kept
-from eep_controller.planner.starts import spread_plan, sticky_hot_plan
+from eep_controller.planner.starts import _target_counts, spread_plan, sticky_hot_plan
 
 
 def _distinct_per_rank(phy: np.ndarray) -> bool:
@@ -505,3 +505,45 @@ def test_spread_gives_up_a_new_copy_before_a_kept_replica() -> None:
     out, _ = spread_plan(start, load, kept)
     assert out[0, 3].tolist() == [0, 3]
     assert np.array_equal(out[0, :3], start[0, :3])
+
+
+def _target_counts_one_at_a_time(phy: np.ndarray, weight: np.ndarray, total: int) -> np.ndarray:
+    """The reverse greedy as a loop: drop a replica of the expert whose share with one
+    replica fewer is smallest (the lowest id on ties) until the counts fill `total`."""
+    counts = np.maximum(count_replicas(phy, weight.shape[1]), 1)
+    for b in range(counts.shape[0]):
+        while counts[b].sum() > total:
+            loss = np.where(counts[b] >= 2, weight[b] / np.maximum(counts[b] - 1, 1), np.inf)
+            counts[b, int(np.argmin(loss))] -= 1
+    return counts
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(2, 10),
+    st.integers(1, 6),
+    st.integers(1, 8),
+    st.sampled_from(["zipf", "ties", "zeros"]),
+    st.integers(0, 2**16),
+)
+def test_target_counts_equals_the_one_at_a_time_reverse_greedy(
+    layers: int, ranks: int, slots: int, removed: int, kind: str, seed: int
+) -> None:
+    """Survivors of a placement on `ranks + removed` ranks, trimmed to `ranks` x `slots`:
+    the one-sort `_target_counts` drops exactly the replicas the loop drops, ties (equal
+    loads, zero loads) included."""
+    rng = np.random.default_rng(seed)
+    experts = max(1, ranks * slots - int(rng.integers(0, ranks + 1)))
+    load = zipf_load(layers, experts, 1.2, seed)
+    if kind == "ties":
+        load = np.round(load / load.max(axis=1, keepdims=True) * 4)
+    elif kind == "zeros":
+        load[:, rng.random(experts) < 0.5] = 0.0
+    old = plan_placement(load, ranks + removed, slots).by_rank()
+    survivors = old[:, rng.permutation(ranks + removed)[:ranks]]
+    total = ranks * slots
+    assert np.array_equal(
+        _target_counts(survivors, load, total),
+        _target_counts_one_at_a_time(survivors, load, total),
+    )
