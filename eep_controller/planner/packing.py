@@ -45,10 +45,12 @@ def holders(phy: IntArray, num_experts: int) -> BoolArray:
 
 def slot_weights(phy: IntArray, weight: FloatArray, counts: IntArray) -> FloatArray:
     """Load carried by each slot [B, R, S]: its expert's load split over the expert's replicas."""
-    b_idx = np.arange(phy.shape[0])[:, None, None]
-    safe = np.where(phy >= 0, phy, 0)
-    share = weight[b_idx, safe] / np.maximum(counts[b_idx, safe], 1)
-    return np.where(phy >= 0, share, 0.0)
+    placed = phy >= 0
+    # flat takes: faster than indexing [B, E] with a broadcast row index
+    at = np.where(placed, phy, 0) + (np.arange(phy.shape[0]) * weight.shape[1])[:, None, None]
+    w = np.ascontiguousarray(weight).reshape(-1).take(at)
+    c = np.ascontiguousarray(counts).reshape(-1).take(at)
+    return np.where(placed, w / np.maximum(c, 1), 0.0)
 
 
 def least_copies(origin: IntArray, num_experts: int) -> IntArray:
