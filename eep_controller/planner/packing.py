@@ -103,6 +103,7 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
     work = phy[by_need]
     # expert-major holdings [B, E, R]: the holders of one expert are one contiguous row
     held = holders(work, num_experts)
+    held_rows = held.reshape(-1, held.shape[2])  # a view: one expert's holders per row
     loads = slot_weights(work, weight[by_need], counts[by_need]).sum(axis=2)
     free = (work < 0).sum(axis=2)
     # the load of each rank with a free slot, inf for full ones (kept up to date)
@@ -118,7 +119,7 @@ def fill_free_slots(phy: IntArray, weight: FloatArray, counts: IntArray) -> IntA
             break
         n = np.arange(m)
         expert = items[:m, k]
-        cost = np.where(held[n, expert], np.inf, avail[:m])
+        cost = np.where(held_rows.take(n * num_experts + expert, axis=0), np.inf, avail[:m])
         rank = np.argmin(cost, axis=1)
         stuck = np.isinf(cost[n, rank])
         if stuck.any():

@@ -128,9 +128,9 @@ def _drop_surplus(phy: IntArray, weight: FloatArray, counts: IntArray) -> None:
         settled = surplus[todo, expert] == 0
         if settled.any():
             rows = todo[settled]
-            cleared = over[rows] & (phy[rows] == expert[settled][:, None, None])
-            over[rows] &= ~cleared
-            per_rank[rows] -= cleared.sum(axis=2)
+            i, r, at = np.nonzero(over[rows] & (phy[rows] == expert[settled][:, None, None]))
+            over[rows[i], r, at] = False
+            np.subtract.at(per_rank, (rows[i], r), 1)
         todo = todo[left[todo] > 0]
 
 
@@ -159,6 +159,7 @@ def sticky_hot_plan(phy: IntArray, weight: FloatArray, total: int) -> IntArray |
     phy = phy.copy()
     loads = slot_weights(phy, weight, counts).sum(axis=2)
     held = holders(phy, num_experts)  # [B, E, R]
+    held_rows = held.reshape(-1, held.shape[2])  # a view: one expert's holders per row
     safe = np.maximum(phy, 0)  # a freed slot keeps its old expert here; `cand` masks it
     # cand[b, r, s]: the slot holds a replica with a sibling (kept up to date, as is the
     # number of such slots per rank)
@@ -175,9 +176,11 @@ def sticky_hot_plan(phy: IntArray, weight: FloatArray, total: int) -> IntArray |
         w = weight[todo[:, None], e]
         share = w / np.maximum(c, 1)
         rise = np.where(c >= 2, w / np.maximum(c - 1, 1) - share, 0.0)
-        sib = held[todo[:, None], e]  # [n, S, R]
+        sib = held_rows.take(todo[:, None] * num_experts + e, axis=0)  # [n, S, R]
         sib[n, :, hot] = False
-        sib_max = np.where(sib, row_loads[:, None, :], -np.inf).max(axis=2)
+        sib_max = np.max(
+            np.broadcast_to(row_loads[:, None, :], sib.shape), axis=2, where=sib, initial=-np.inf
+        )
         score = np.maximum(row_loads[n, hot][:, None] - share, sib_max + rise)
         score = np.where(cand[todo, hot], score, np.inf)
         slot = np.argmin(score, axis=1)
