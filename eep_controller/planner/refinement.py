@@ -31,6 +31,8 @@ CANDIDATE_SLOTS = 64
 HOT_SLOTS = 12
 # From this many slots per rank `pair_swaps` sorts instead of forming all S x S sums.
 SORTED_SUMS_FROM = 56
+# Below that, the sums are formed for at most this many at once (4M: 32 MB).
+SUMS_CHUNK = 1 << 22
 # Slots already holding a new copy that rows with partners also look at (see module doc).
 PARTNER_SLOTS = 9
 # ... found on this many ranks next in lightness after the light ranks.
@@ -342,11 +344,7 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         if slots >= SORTED_SUMS_FROM:
             best_i, best_j, best_after = closest_sums(u, v)
         else:
-            flat = (u[:, :, :, None] + v[:, :, None, :]).reshape(active.size, pairs, -1)
-            np.abs(flat, out=flat)
-            best = np.argmin(flat, axis=2)
-            best_after = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
-            best_i, best_j = np.divmod(best, slots)
+            best_i, best_j, best_after = _all_sums(u, v)
         take = best_after < gap * (1 - 1e-9)
         moved = take.any(axis=1)
         if not moved.any():
@@ -364,6 +362,26 @@ def pair_swaps(phy: IntArray, weight: FloatArray, *, steps: int = 12) -> IntArra
         has[bi, cr, x] = True
         active = active[moved]
     return phy
+
+
+def _all_sums(
+    u: FloatArray, v: FloatArray, chunk: int = SUMS_CHUNK
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """`closest_sums` by forming all S x S sums |u[i] + v[j]| (the first minimum in (i, j)
+    order), for rows in chunks of at most `chunk` sums, so memory stays bounded."""
+    rows, pairs, slots = u.shape
+    best_i = np.empty((rows, pairs), dtype=np.int64)
+    best_j = np.empty((rows, pairs), dtype=np.int64)
+    best_after = np.empty((rows, pairs))
+    step = max(1, chunk // (pairs * slots * slots))
+    for lo in range(0, rows, step):
+        part = slice(lo, lo + step)
+        flat = (u[part, :, :, None] + v[part, :, None, :]).reshape(-1, pairs, slots * slots)
+        np.abs(flat, out=flat)
+        best = np.argmin(flat, axis=2)
+        best_after[part] = np.take_along_axis(flat, best[:, :, None], axis=2)[:, :, 0]
+        best_i[part], best_j[part] = np.divmod(best, slots)
+    return best_i, best_j, best_after
 
 
 def closest_sums(u: FloatArray, v: FloatArray) -> tuple[IntArray, IntArray, FloatArray]:

@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eep_controller.planner import refinement
 from eep_controller.planner.refinement import closest_sums
 
 
@@ -62,3 +63,29 @@ def test_each_row_answers_alone(seed: int, rows: int, slots: int, spread: float)
         alone = closest_sums(u[r : r + 1], v[r : r + 1])
         for a, b in zip(together, alone, strict=True):
             assert a[r] == b[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 9),
+    slots=st.integers(1, 12),
+    chunk=st.integers(1, 400),
+)
+def test_all_sums_in_chunks_equals_all_at_once(
+    seed: int, rows: int, slots: int, chunk: int
+) -> None:
+    """`pair_swaps`' S x S search gives the same (i, j, minimum) whatever the chunk of rows
+    it forms at once: the first minimum in (i, j) order, as one argmin over all sums."""
+    rng = np.random.default_rng(seed)
+    shape = (rows, 3, slots)
+    u = rng.normal(size=shape)
+    v = np.round(rng.normal(size=shape), 1)  # repeated values: ties between j
+    u[rng.random(shape) < 0.2] = np.inf
+    whole = refinement._all_sums(u, v)
+    parts = refinement._all_sums(u, v, chunk)
+    for a, b in zip(whole, parts, strict=True):
+        assert np.array_equal(a, b)
+    flat = np.abs(u[..., :, None] + v[..., None, :]).reshape(rows, 3, -1)
+    first = np.argmin(flat, axis=2)
+    assert np.array_equal(whole[0] * slots + whole[1], first)
