@@ -69,7 +69,8 @@ def refine(
     held_bits = held.reshape(-1)  # also a view; one flat take beats a three-index gather
     # flat views for the same reason (phy is this call's own copy, so updates show)
     phy_bits = phy.reshape(-1)
-    origin_bits = np.ascontiguousarray(origin).reshape(-1)
+    origin = np.ascontiguousarray(origin)  # once: `_partner_slots` views it every step
+    origin_bits = origin.reshape(-1)
     weight_bits = np.ascontiguousarray(weight).reshape(-1)
     counts_bits = counts.reshape(-1)
     loads = slot_weights(phy, weight, counts).sum(axis=2)

@@ -73,6 +73,35 @@ class Proc:
         return int(self.popen.returncode)
 
 
+def pid_running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie is gone for our purposes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def sigterm_held_past_bound(proc: Proc, bound_s: float) -> str:
+    """SIGTERM ``proc`` whose shutdown something holds, and check the shared shutdown
+    watchdog (`eep_controller.tasks.arm_shutdown_watchdog`) with a ``bound_s`` bound: the
+    stuck tasks are logged at half of it and the process exits with code 3 soon after the
+    bound. Returns the process's output."""
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = proc.popen.wait(20)
+    took = time.monotonic() - started
+    out = proc.output()
+    assert code == 3, out[-3000:]
+    assert 0.75 * bound_s < took < 5 * bound_s, took
+    assert f"shutdown still running after {bound_s / 2}s; tasks:" in out
+    return out
+
+
 def start(
     name: str, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Proc:
