@@ -6,16 +6,19 @@ finishes, so a ``while True`` loop that awaits it (an etcd call with a deadline,
 with a timeout) can swallow the cancel and run on; whoever then awaits the task waits
 forever. ``cancel_and_wait`` cancels again until the task has ended.
 
-A shutdown must end even when something does not: ``arm_shutdown_watchdog`` logs where it
-is stuck (every thread, every task's await chain) at half its bound and stops the process
-hard at the bound.
+A shutdown must end even when something does not: a ``ShutdownWatchdog`` logs where it
+is stuck (every thread's stack, every task's await chain) at half its bound and stops the
+process hard at the bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import faulthandler
+import contextlib
 import logging
+import sys
+import threading
+import traceback
 from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
@@ -87,26 +90,63 @@ def _await_chain(obj: Any, limit: int) -> list[FrameType]:
     return frames
 
 
-def arm_shutdown_watchdog(
-    loop: asyncio.AbstractEventLoop,
-    bound_s: float,
-    hard_stop: Callable[[], None],
-    logger: logging.Logger = log,
-) -> None:
-    """Bound a shutdown that has just begun: at ``bound_s / 2`` dump every thread's stack
-    (faulthandler, to stderr) and log every task's await chain; at ``bound_s`` call
-    ``hard_stop`` (which ends the process). ``disarm_shutdown_watchdog`` stops the dump
-    once the shutdown has finished; the process is gone by then, so the calls scheduled
-    on the loop never run."""
-    half = bound_s / 2
-    faulthandler.dump_traceback_later(half, exit=False)
+class ShutdownWatchdog:
+    """Bounds a shutdown that has just begun, from a thread of its own: at half the bound
+    it logs every thread's stack and (on the loop) every task's await chain; at the bound
+    it calls ``hard_stop``, which ends the process. Being a thread, it fires even when the
+    loop itself is stuck. ``disarm`` once the shutdown has finished.
 
-    def log_tasks() -> None:
-        logger.error("shutdown still running after %ss; tasks:\n%s", half, describe_pending_tasks())
+    The stacks come from ``sys._current_frames`` under the GIL: faulthandler's timed dump
+    reads other threads' frames without it and can crash the process it is meant to
+    diagnose (it did, with SIGSEGV, on a controller stuck in shutdown)."""
 
-    loop.call_later(half, log_tasks)
-    loop.call_later(bound_s, hard_stop)
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        bound_s: float,
+        hard_stop: Callable[[], None],
+        logger: logging.Logger = log,
+    ) -> None:
+        self._loop = loop
+        self._bound_s = bound_s
+        self._hard_stop = hard_stop
+        self._log = logger
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eep-shutdown-watchdog", daemon=True)
+        self._thread.start()
+
+    def disarm(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        half = self._bound_s / 2
+        if self._done.wait(half):
+            return
+        self._log.error("shutdown still running after %ss; threads:\n%s", half, describe_threads())
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no tasks to show
+            self._loop.call_soon_threadsafe(self._log_tasks, half)
+        if self._done.wait(self._bound_s - half):
+            return
+        self._hard_stop()
+
+    def _log_tasks(self, after_s: float) -> None:
+        self._log.error(
+            "shutdown still running after %ss; tasks:\n%s", after_s, describe_pending_tasks()
+        )
 
 
-def disarm_shutdown_watchdog() -> None:
-    faulthandler.cancel_dump_traceback_later()
+def describe_threads() -> str:
+    """Every other thread's stack, innermost call last, for a log line when a shutdown is
+    stuck."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    lines: list[str] = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        lines.append(f"thread {names.get(ident, ident)}:")
+        lines.extend(
+            f"  {entry.filename}:{entry.lineno} in {entry.name}"
+            for entry in traceback.extract_stack(frame)
+        )
+    return "\n".join(lines) if lines else "(no other threads)"

@@ -35,11 +35,7 @@ from eep_agent.worker_pool import WorkerPool
 from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.protocol import NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace, PrefixWatch
-from eep_controller.tasks import (
-    arm_shutdown_watchdog,
-    cancel_and_wait,
-    disarm_shutdown_watchdog,
-)
+from eep_controller.tasks import ShutdownWatchdog, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +73,7 @@ class AgentDaemon:
         )
         self._background: list[asyncio.Task[None]] = []
         self._watch: PrefixWatch | None = None
+        self._watchdog: ShutdownWatchdog | None = None
 
     @property
     def registered(self) -> bool:
@@ -127,29 +124,34 @@ class AgentDaemon:
         try:
             await self.shutdown()
         finally:
-            disarm_shutdown_watchdog()
+            if self._watchdog is not None:
+                self._watchdog.disarm()
 
     def _on_signal(self) -> None:
         if self.stopping.is_set():
             return
         self.stopping.set()
-        arm_shutdown_watchdog(
+        self._watchdog = ShutdownWatchdog(
             asyncio.get_running_loop(), self.settings.shutdown_timeout_s, self._hard_stop, log
         )
 
     def _hard_stop(self) -> None:
-        children = multiprocessing.active_children()
-        log.error(
-            "shutdown did not finish within %ss; killing %d worker process(es) %s and stopping hard",
-            self.settings.shutdown_timeout_s,
-            len(children),
-            [c.pid for c in children],
-        )
-        for child in children:
-            if child.pid is not None:
-                with contextlib.suppress(OSError):
-                    os.kill(child.pid, signal.SIGKILL)
-        os._exit(3)
+        # runs on the watchdog's thread: whatever happens here, the process ends
+        try:
+            children = multiprocessing.active_children()
+            log.error(
+                "shutdown did not finish within %ss; killing %d worker process(es) %s and "
+                "stopping hard",
+                self.settings.shutdown_timeout_s,
+                len(children),
+                [c.pid for c in children],
+            )
+            for child in children:
+                if child.pid is not None:
+                    with contextlib.suppress(OSError):
+                        os.kill(child.pid, signal.SIGKILL)
+        finally:
+            os._exit(3)
 
     async def _watch_deployments(self) -> None:
         self._watch = PrefixWatch(self.store, self.store.keys.deployments())

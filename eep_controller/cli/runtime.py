@@ -26,7 +26,7 @@ from eep_controller.store import (
     connection_from_settings,
     free_port,
 )
-from eep_controller.tasks import arm_shutdown_watchdog, disarm_shutdown_watchdog
+from eep_controller.tasks import ShutdownWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class ControllerRuntime:
     embedded: EmbeddedEtcd | None = None
     on_ready: Callable[[str], None] | None = None
     _server: EmbeddedServer | None = None
+    _watchdog: ShutdownWatchdog | None = None
 
     def _start_etcd(self) -> list[str]:
         if self.settings.etcd.endpoints:
@@ -78,9 +79,11 @@ class ControllerRuntime:
             "shutdown did not finish within %ss; stopping hard",
             self.settings.server.shutdown_timeout_s,
         )
-        if self.embedded is not None:
-            self.embedded.stop(timeout_s=5)
-        os._exit(3)
+        try:
+            if self.embedded is not None:
+                self.embedded.stop(timeout_s=5)
+        finally:
+            os._exit(3)
 
     def request_stop(self) -> None:
         """Ask the HTTP server to shut down gracefully (``run`` then returns)."""
@@ -126,7 +129,9 @@ class ControllerRuntime:
             server.should_exit = True
             # a shutdown must never hang: show where it is stuck (threads and tasks), then
             # stop hard
-            arm_shutdown_watchdog(loop, s.server.shutdown_timeout_s, self._hard_stop, log)
+            self._watchdog = ShutdownWatchdog(
+                loop, s.server.shutdown_timeout_s, self._hard_stop, log
+            )
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -144,6 +149,7 @@ class ControllerRuntime:
         try:
             await task
         finally:
-            disarm_shutdown_watchdog()
+            if self._watchdog is not None:
+                self._watchdog.disarm()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(store.close(), 5)

@@ -88,8 +88,8 @@ def pid_running(pid: int) -> bool:
 
 def sigterm_held_past_bound(proc: Proc, bound_s: float) -> str:
     """SIGTERM ``proc`` whose shutdown something holds, and check the shared shutdown
-    watchdog (`eep_controller.tasks.arm_shutdown_watchdog`) with a ``bound_s`` bound: the
-    stuck tasks are logged at half of it and the process exits with code 3 soon after the
+    watchdog (`eep_controller.tasks.ShutdownWatchdog`) with a ``bound_s`` bound: the
+    stuck threads and tasks are logged at half of it and the process exits with code 3 soon after the
     bound. Returns the process's output."""
     started = time.monotonic()
     proc.signal(signal.SIGTERM)
@@ -98,6 +98,7 @@ def sigterm_held_past_bound(proc: Proc, bound_s: float) -> str:
     out = proc.output()
     assert code == 3, out[-3000:]
     assert 0.75 * bound_s < took < 5 * bound_s, took
+    assert f"shutdown still running after {bound_s / 2}s; threads:" in out
     assert f"shutdown still running after {bound_s / 2}s; tasks:" in out
     return out
 

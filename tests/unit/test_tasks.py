@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 
 import pytest
 
-from eep_controller.tasks import cancel_and_wait, describe_pending_tasks
+from eep_controller.tasks import ShutdownWatchdog, cancel_and_wait, describe_pending_tasks
 
 
 async def _swallows_first_cancel(ticks: list[int]) -> None:
@@ -110,3 +113,37 @@ def test_pending_tasks_are_described_with_their_await_chain() -> None:
     assert "task stuck-on-lock" in text
     assert "in waits_on_a_lock" in text
     assert "in acquire" in text  # the chain goes down to what the task waits on
+
+
+def test_the_watchdog_stops_hard_even_when_the_loop_is_stuck(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The loop blocks (a synchronous wait inside a callback): the watchdog's own thread
+    still logs every thread's stack at half the bound and calls the hard stop at it."""
+    stopped = threading.Event()
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR):
+            ShutdownWatchdog(loop, 0.4, stopped.set)
+            loop.call_soon(stopped.wait, 5.0)  # the loop's only thread is stuck here
+            started = time.monotonic()
+            loop.run_until_complete(asyncio.sleep(0))
+            took = time.monotonic() - started
+    finally:
+        loop.close()
+    assert stopped.is_set() and took < 2.0
+    threads = [r.getMessage() for r in caplog.records if "threads:" in r.getMessage()]
+    assert threads and "in test_the_watchdog_stops_hard" in threads[0]
+
+
+def test_a_disarmed_watchdog_does_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    stopped = threading.Event()
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR):
+            ShutdownWatchdog(loop, 0.2, stopped.set).disarm()
+            time.sleep(0.4)
+    finally:
+        loop.close()
+    assert not stopped.is_set()
+    assert not [r for r in caplog.records if "shutdown still running" in r.getMessage()]
