@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from planner_checks import skewed_shrink, zipf_load
@@ -217,6 +218,55 @@ def test_cannot_reach_flags_only_provably_unpackable_counts() -> None:
     ones = np.ones((1, 8), dtype=np.int64)
     assert _cannot_reach(np.ones((1, 8)), ones, ranks, 0.99).tolist() == [False]
     assert _cannot_reach(np.zeros((1, 8)), ones, ranks, 0.99).tolist() == [False]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 12),
+    st.integers(1, 6),
+    st.floats(0.0, 2.0),
+    st.sampled_from((0.9, 1.0, 1.1)),
+    st.integers(0, 2**16),
+)
+def test_cannot_reach_never_flags_a_balance_a_packing_achieves(
+    ranks: int, slots: int, skew: float, cap: float, seed: int
+) -> None:
+    """The bound `plan_batch` skips packings by is sound: counts some packing balances to
+    b are never flagged as unable to reach (just under) b."""
+    from eep_controller.planner.placement import _cannot_reach, pack_scratch
+
+    experts = slots + seed % (ranks * slots - slots + 1)  # S <= E <= R * S
+    weight = zipf_load(3, experts, skew, seed=seed)
+    greedy = greedy_counts(weight, ranks * slots, ranks)
+    filler = filler_counts(weight, ranks * slots, ranks, cap * weight.sum(axis=1) / ranks)
+    for counts in (greedy, filler):
+        reached = layer_balancedness(pack_scratch(weight, counts, ranks, slots), weight)
+        assert not _cannot_reach(weight, counts, ranks, reached * (1 - 1e-9)).any()
+
+
+def test_counts_that_cannot_beat_a_layers_best_are_not_packed_and_plans_stay_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 64 x 5 under Zipf 1.5 the strictest replica cap provably cannot beat the layers'
+    best plans so far, so it is not packed; skipping it changes no plan."""
+    from eep_controller.planner import placement
+
+    load = zipf_load(4, 256, 1.5, seed=3)
+    packed: list[int] = []
+    real_pack = placement.pack_scratch
+
+    def counting_pack(weight: np.ndarray, *args: int) -> np.ndarray:
+        packed.append(weight.shape[0])
+        return real_pack(weight, *args)
+
+    monkeypatch.setattr(placement, "pack_scratch", counting_pack)
+    pruned = placement.plan_batch(load, 64, 5)
+    rows_pruned = sum(packed)
+    packed.clear()
+    monkeypatch.setattr(placement, "NO_BETTER", 1e-300)  # a level near 0: nothing skipped
+    full = placement.plan_batch(load, 64, 5)
+    assert np.array_equal(pruned, full)
+    assert rows_pruned == sum(packed) - 4  # one cap of every layer skipped
 
 
 def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing_new() -> None:
