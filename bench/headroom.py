@@ -34,7 +34,7 @@ from rich.table import Table
 
 from bench.planner import make_load
 from eep_controller.planner import plan_placement, plan_rescale
-from eep_controller.planner.packing import holdings
+from eep_controller.planner.packing import holdings, least_copies
 from eep_controller.planner.placement import layer_balancedness
 
 GOAL = 0.99  # the balancedness eep's rescale aims for, per layer
@@ -97,8 +97,8 @@ class Neighbourhoods:
     def copies(self, has: npt.NDArray[np.bool_]) -> int:
         return int((has & ~self.held).sum())
 
-    def balancedness(self, has: npt.NDArray[np.bool_]) -> float:
-        phy = _as_slots(has, self.origin)
+    def balancedness(self, phy: npt.NDArray[np.int64]) -> float:
+        """Of one placement [R, S] of this layer."""
         return float(layer_balancedness(phy[None], self.weight[None])[0])
 
     def step(self, free_ranks: int, sub_seconds: float) -> bool:
@@ -108,8 +108,9 @@ class Neighbourhoods:
         found = self._solve(free, sub_seconds)
         if found is None or np.array_equal(found, self.current):
             return False
-        _check(_as_slots(found, self.origin), self.experts)
-        if self.balancedness(found) < GOAL or self.copies(found) > self.copies(self.current):
+        phy = _as_slots(found, self.origin)
+        _check(phy, self.experts)
+        if self.balancedness(phy) < GOAL or self.copies(found) > self.copies(self.current):
             return False
         self.current = found
         return True
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     origin = np.full((load.shape[0], args.new, args.slots), -1, dtype=np.int64)
     origin[:, : len(survivors)] = current.by_rank()[:, survivors]
     new = plan.placement.by_rank()
+    bounds = least_copies(origin, load.shape[1])  # per layer: new slots or orphans
     rows = []
     with Progress(
         TextColumn("{task.description}"),
@@ -195,8 +197,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for layer in args.layers:
             search = Neighbourhoods(load[layer], origin[layer], new[layer], args.seed + layer)
             eep_copies = search.copies(search.current)
-            orphans = int((_holdings(origin[layer], load.shape[1]).sum(axis=0) == 0).sum())
-            bound = max(orphans, int((origin[layer] < 0).sum()))
+            bound = int(bounds[layer])
             task = progress.add_task(f"layer {layer}: {eep_copies} copies", total=args.seconds)
             t0 = time.monotonic()
             while (elapsed := time.monotonic() - t0) < args.seconds:
@@ -211,9 +212,9 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 "layer": layer,
                 "lower_bound": bound,
                 "eep_copies": eep_copies,
-                "eep_bal": search.balancedness(_holdings(new[layer], load.shape[1])),
+                "eep_bal": search.balancedness(new[layer]),
                 "search_copies": search.copies(best),
-                "search_bal": search.balancedness(best),
+                "search_bal": search.balancedness(_as_slots(best, origin[layer])),
                 "eep_ratio": eep_copies / max(bound, 1),
                 "search_ratio": search.copies(best) / max(bound, 1),
                 "seconds": args.seconds,
