@@ -64,7 +64,7 @@ def _as_slots(has: npt.NDArray[np.bool_], origin: npt.NDArray[np.int64]) -> npt.
     return phy
 
 
-def _check(phy: npt.NDArray[np.int64], num_experts: int) -> None:
+def check_layer(phy: npt.NDArray[np.int64], num_experts: int) -> None:
     """The placement invariants eep's plans keep (one layer [R, S])."""
     if (phy < 0).any():
         raise AssertionError("an empty slot")
@@ -109,7 +109,7 @@ class Neighbourhoods:
         if found is None or np.array_equal(found, self.current):
             return False
         phy = _as_slots(found, self.origin)
-        _check(phy, self.experts)
+        check_layer(phy, self.experts)
         if self.balancedness(phy) < GOAL or self.copies(found) > self.copies(self.current):
             return False
         self.current = found

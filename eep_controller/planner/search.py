@@ -399,9 +399,7 @@ def _rescue(
     mine = at[row] >= 0
     sub_rows = weak[row[mine]]
     w_sub, o_sub, p_sub = weight[sub_rows], origin[sub_rows], orphaned[sub_rows]
-    tried = _finish(
-        _polish(plans[mine], w_sub, o_sub, partners=p_sub, wider=True), w_sub, o_sub, p_sub
-    )
+    tried = refine_fully(plans[mine], w_sub, o_sub, p_sub)
     layers = weak[short]
     bal_k, copies_k, where = _scores(
         tried, weight[layers], origin[layers], kind[mine], at[row[mine]], OPTIONS
@@ -414,6 +412,17 @@ def _rescue(
     take = _second_wins(here, best[layers], bal_k[choice, cols], candidate, origin[layers])
     best[layers[take]] = candidate[take]
     return bool(take.any())
+
+
+def refine_fully(
+    plans: IntArray, weight: FloatArray, origin: IntArray, partners: BoolArray
+) -> IntArray:
+    """Start plans [N, R, S] refined as the rescue refines every option: with the copy
+    penalty (FEW_SLOTS_LIGHT_RANKS light ranks when a rank has few slots), then to FINISH_AT
+    at the discounted penalty. `partners` [N] marks rows with orphans (see `refine`)."""
+    return _finish(
+        _polish(plans, weight, origin, partners=partners, wider=True), weight, origin, partners
+    )
 
 
 def _unstall(best: IntArray, weight: FloatArray, origin: IntArray, orphaned: BoolArray) -> None:

@@ -19,7 +19,7 @@ def test_a_plan_of_holdings_keeps_replicas_in_their_slots_and_fills_the_freed_on
     assert phy.tolist() == [[0, 5, 2], [3, 4, 1]]
     # copies are the slots whose expert changed
     assert int((phy != origin).sum()) == int((has & ~headroom._holdings(origin, 6)).sum()) == 2
-    headroom._check(phy, 6)
+    headroom.check_layer(phy, 6)
 
 
 def test_holdings_that_do_not_fill_a_rank_exactly_are_refused() -> None:
@@ -39,7 +39,7 @@ def test_holdings_that_do_not_fill_a_rank_exactly_are_refused() -> None:
 )
 def test_the_check_names_a_broken_invariant(phy: list[list[int]], problem: str) -> None:
     with pytest.raises(AssertionError, match=problem):
-        headroom._check(np.array(phy), 3)
+        headroom.check_layer(np.array(phy), 3)
 
 
 def test_without_highs_it_says_what_to_install(

@@ -1,0 +1,188 @@
+"""How many copies a longer, numpy-only search over replica counts saves on eep's rescale plans.
+
+    python -m bench.recount                      # 48 -> 32 x 9, Zipf 1.2, all layers, 8 rounds
+    python -m bench.recount --load zipf:0.5 --rounds 30 --tries 16
+    python -m bench.recount --json               # one JSON object on stdout
+
+eep plans the rescale (ranks to remove chosen by eep, as in `bench.planner`). Then, for every
+layer at once, each round makes `--tries` neighbours of the layer's best plan so far: its
+replica counts with one replica moved from a random expert holding two or more to another
+random expert. Each neighbour is built from the survivors' slots the way eep builds its
+replica-count options (`retargeted_plan`: keep what the counts still want, pack the rest)
+and refined as eep's rescue refines them (`refine_fully`). A neighbour replaces the layer's
+plan when it balances at least 0.99 (eep's goal) with fewer copies. Every kept plan is
+checked against the placement invariants.
+
+Where `bench.headroom` re-solves a few ranks exactly (minutes per layer, an extra solver),
+this searches with eep's own moves: it shows what spending seconds instead of 150 ms buys.
+It is not run by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench.headroom import check_layer
+from bench.planner import make_load
+from eep_controller.planner import plan_placement, plan_rescale
+from eep_controller.planner.packing import count_replicas, least_copies
+from eep_controller.planner.placement import layer_balancedness
+from eep_controller.planner.search import CHOOSE_ABOVE, refine_fully
+from eep_controller.planner.starts import retargeted_plan
+
+IntArray = npt.NDArray[np.int64]
+
+
+def neighbour_counts(
+    counts: IntArray, tries: int, ranks: int, rng: np.random.Generator
+) -> IntArray:
+    """[B * tries, E]: each row of `counts` [B, E] `tries` times, each with one replica moved
+    from a random expert holding >= 2 to a random other expert holding < `ranks`."""
+    out = np.repeat(counts, tries, axis=0)
+    rows = np.arange(out.shape[0])
+    give = np.argmax(np.where(out >= 2, rng.random(out.shape), -1.0), axis=1)
+    room = np.where(out < ranks, rng.random(out.shape), -1.0)
+    room[rows, give] = -1.0
+    take = np.argmax(room, axis=1)
+    ok = (out[rows, give] >= 2) & (room[rows, take] >= 0)
+    out[rows[ok], give[ok]] -= 1
+    out[rows[ok], take[ok]] += 1
+    return out
+
+
+def search(
+    load: npt.NDArray[np.float64],
+    origin: IntArray,
+    start: IntArray,
+    *,
+    rounds: int,
+    tries: int,
+    seed: int,
+    progress: Progress | None = None,
+) -> tuple[IntArray, list[dict[str, float]]]:
+    """Rounds of the replica-count neighbourhood search from plans `start` [L, R, S] (new
+    numbering; `origin` is the survivors' slots, -1 on new ranks). Returns the best plans
+    and, per round, the total copies and the seconds spent so far."""
+    rng = np.random.default_rng(seed)
+    layers, ranks, _ = origin.shape
+    num_experts = load.shape[1]
+    best = start.copy()
+    copies = (best != origin).sum(axis=(1, 2))
+    orphaned = count_replicas(origin, num_experts).min(axis=1) == 0
+    row = np.repeat(np.arange(layers), tries)
+    history = []
+    t0 = time.perf_counter()
+    task = progress.add_task("rounds", total=rounds) if progress else None
+    for _ in range(rounds):
+        counts = neighbour_counts(count_replicas(best, num_experts), tries, ranks, rng)
+        plans = refine_fully(
+            retargeted_plan(origin[row], load[row], counts), load[row], origin[row], orphaned[row]
+        )
+        good = layer_balancedness(plans, load[row]) >= CHOOSE_ABOVE
+        found = np.where(good, (plans != origin[row]).sum(axis=(1, 2)), np.iinfo(np.int64).max)
+        pick = np.argmin(found.reshape(layers, tries), axis=1)
+        at = np.arange(layers) * tries + pick
+        better = found[at] < copies
+        best[better] = plans[at[better]]
+        copies[better] = found[at[better]]
+        history.append({"copies": int(copies.sum()), "seconds": time.perf_counter() - t0})
+        if progress and task is not None:
+            progress.update(task, advance=1, description=f"{int(copies.sum())} copies")
+    for layer in range(layers):
+        check_layer(best[layer], num_experts)
+    return best, history
+
+
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    kind, _, param = args.load.partition(":")
+    load = make_load(kind, float(param))
+    current = plan_placement(load, args.old, args.slots)
+    plan = plan_rescale(current, load, args.new)
+    survivors = [r for r in range(args.old) if plan.rank_map[r] >= 0]
+    origin = np.full((load.shape[0], args.new, args.slots), -1, dtype=np.int64)
+    origin[:, : len(survivors)] = current.by_rank()[:, survivors]
+    start = plan.placement.by_rank()
+    bound = int(least_copies(origin, load.shape[1]).sum())
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        best, history = search(
+            load,
+            origin,
+            start,
+            rounds=args.rounds,
+            tries=args.tries,
+            seed=args.seed,
+            progress=progress,
+        )
+    eep_copies = int(plan.stats["copies"])
+    found = int((best != origin).sum())
+    return {
+        "load": args.load,
+        "rescale": f"{args.old}->{args.new} x{args.slots}",
+        "tries": args.tries,
+        "lower_bound": bound,
+        "eep_copies": eep_copies,
+        "eep_ratio": eep_copies / max(bound, 1),
+        "eep_bal": float(plan.stats["balancedness_after"]),
+        "search_copies": found,
+        "search_ratio": found / max(bound, 1),
+        "search_bal": float(layer_balancedness(best, load).mean()),
+        "rounds": [{**h, "ratio": h["copies"] / max(bound, 1)} for h in history],
+    }
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    table = Table(
+        title=f"{result['rescale']} under {result['load']}: eep against "
+        f"{result['tries']} replica-count neighbours per layer and round"
+    )
+    for col in ("round", "copies", "x bound", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row("eep", str(result["eep_copies"]), f"{result['eep_ratio']:.3f}", "")
+    for i, r in enumerate(result["rounds"], 1):
+        table.add_row(str(i), str(r["copies"]), f"{r['ratio']:.3f}", f"{r['seconds']:.1f}")
+    console.print(table)
+    console.print(
+        f"lower bound {result['lower_bound']}; balancedness eep {result['eep_bal']:.4f}, "
+        f"search {result['search_bal']:.4f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--load", default="zipf:1.2", help="kind:param, as bench.planner")
+    parser.add_argument("--old", type=int, default=48)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--tries", type=int, default=16, help="neighbours per layer and round")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.tries < 1:
+        parser.error("--rounds and --tries must be at least 1")
+    console = Console(stderr=args.json)
+    result = run(args, console)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render(result, console)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
