@@ -33,7 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.planner import make_load
-from eep_controller.planner import plan_placement, plan_rescale
+from eep_controller.planner import RescalePlan, plan_placement, plan_rescale
 from eep_controller.planner.packing import holdings, least_copies
 from eep_controller.planner.placement import layer_balancedness
 
@@ -175,15 +175,32 @@ class Neighbourhoods:
         return found
 
 
-def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+def add_rescale_args(parser: argparse.ArgumentParser) -> None:
+    """The rescale these scripts start from: the load and the old and new shapes."""
+    parser.add_argument("--load", default="zipf:1.2", help="kind:param, as bench.planner")
+    parser.add_argument("--old", type=int, default=48)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=9)
+
+
+def eep_rescale(
+    args: argparse.Namespace,
+) -> tuple[npt.NDArray[np.float64], RescalePlan, npt.NDArray[np.int64]]:
+    """The load, eep's plan of the rescale (eep picks the removed ranks) and the survivors'
+    slots in the new numbering [L, new R, S] (-1 on new ranks)."""
     kind, _, param = args.load.partition(":")
     load = make_load(kind, float(param))
     current = plan_placement(load, args.old, args.slots)
     plan = plan_rescale(current, load, args.new)
-    removed = [r for r in range(args.old) if plan.rank_map[r] < 0]
     survivors = [r for r in range(args.old) if plan.rank_map[r] >= 0]
     origin = np.full((load.shape[0], args.new, args.slots), -1, dtype=np.int64)
     origin[:, : len(survivors)] = current.by_rank()[:, survivors]
+    return load, plan, origin
+
+
+def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    load, plan, origin = eep_rescale(args)
+    removed = [r for r in range(args.old) if plan.rank_map[r] < 0]
     new = plan.placement.by_rank()
     bounds = least_copies(origin, load.shape[1])  # per layer: new slots or orphans
     rows = []
@@ -251,10 +268,7 @@ def _layers(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--load", default="zipf:1.2", help="kind:param, as bench.planner")
-    parser.add_argument("--old", type=int, default=48)
-    parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--slots", type=int, default=9)
+    add_rescale_args(parser)
     parser.add_argument("--layers", type=_layers, default=[0], help="comma-separated")
     parser.add_argument("--seconds", type=float, default=600.0, help="search time per layer")
     parser.add_argument("--free-ranks", type=int, default=8)

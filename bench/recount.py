@@ -31,9 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.headroom import check_layer
-from bench.planner import make_load
-from eep_controller.planner import plan_placement, plan_rescale
+from bench.headroom import add_rescale_args, check_layer, eep_rescale
 from eep_controller.planner.packing import count_replicas, least_copies
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.search import CHOOSE_ABOVE, refine_fully
@@ -95,7 +93,7 @@ def search(
         best[better] = plans[at[better]]
         copies[better] = found[at[better]]
         history.append({"copies": int(copies.sum()), "seconds": time.perf_counter() - t0})
-        if progress and task is not None:
+        if progress is not None and task is not None:
             progress.update(task, advance=1, description=f"{int(copies.sum())} copies")
     for layer in range(layers):
         check_layer(best[layer], num_experts)
@@ -103,13 +101,7 @@ def search(
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    kind, _, param = args.load.partition(":")
-    load = make_load(kind, float(param))
-    current = plan_placement(load, args.old, args.slots)
-    plan = plan_rescale(current, load, args.new)
-    survivors = [r for r in range(args.old) if plan.rank_map[r] >= 0]
-    origin = np.full((load.shape[0], args.new, args.slots), -1, dtype=np.int64)
-    origin[:, : len(survivors)] = current.by_rank()[:, survivors]
+    load, plan, origin = eep_rescale(args)
     start = plan.placement.by_rank()
     bound = int(least_copies(origin, load.shape[1]).sum())
     with Progress(
@@ -164,10 +156,7 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--load", default="zipf:1.2", help="kind:param, as bench.planner")
-    parser.add_argument("--old", type=int, default=48)
-    parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--slots", type=int, default=9)
+    add_rescale_args(parser)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tries", type=int, default=16, help="neighbours per layer and round")
     parser.add_argument("--seed", type=int, default=0)
