@@ -260,6 +260,8 @@ def test_counts_that_cannot_beat_a_layers_best_are_not_packed_and_plans_stay_the
         return real_pack(weight, *args)
 
     monkeypatch.setattr(placement, "pack_scratch", counting_pack)
+    # every cap is reached (these layers reach SEARCH_DONE before the strictest one)
+    monkeypatch.setattr(placement, "SEARCH_DONE", 1.0)
     pruned = placement.plan_batch(load, 64, 5)
     rows_pruned = sum(packed)
     packed.clear()
@@ -267,6 +269,32 @@ def test_counts_that_cannot_beat_a_layers_best_are_not_packed_and_plans_stay_the
     full = placement.plan_batch(load, 64, 5)
     assert np.array_equal(pruned, full)
     assert rows_pruned == sum(packed) - 4  # one cap of every layer skipped
+
+
+def test_a_layer_that_balances_search_done_tries_no_further_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 64 x 5 under Zipf 1.5 the 0.93 cap balances every layer past SEARCH_DONE: the
+    caps after it are not packed, and the plans are those of trying every cap."""
+    from eep_controller.planner import placement
+
+    load = zipf_load(4, 256, 1.5, seed=3)
+    packed: list[int] = []
+    real_pack = placement.pack_scratch
+
+    def counting_pack(weight: np.ndarray, *args: int) -> np.ndarray:
+        packed.append(weight.shape[0])
+        return real_pack(weight, *args)
+
+    monkeypatch.setattr(placement, "pack_scratch", counting_pack)
+    early = placement.plan_batch(load, 64, 5)
+    rows_early = sum(packed)
+    assert (placement.layer_balancedness(early, load) >= placement.SEARCH_DONE).all()
+    packed.clear()
+    monkeypatch.setattr(placement, "SEARCH_DONE", 1.0)  # never done: every cap is tried
+    every = placement.plan_batch(load, 64, 5)
+    assert np.array_equal(early, every)
+    assert rows_early < sum(packed)
 
 
 def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing_new() -> None:
