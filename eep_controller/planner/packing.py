@@ -185,25 +185,44 @@ def fill_lpt(weight: FloatArray, counts: IntArray, num_ranks: int, slots: int) -
     """
     batch, num_experts = weight.shape
     items, item_w = _heaviest_first(weight, counts)
+    # flat views throughout: one `take` beats a two-index gather in this per-replica loop
     phy = np.empty((batch, num_ranks, slots), dtype=np.int64)
+    phy_flat = phy.reshape(-1)
     # each rank's load, +inf once its slots are full
     open_loads = np.zeros((batch, num_ranks))
-    filled = np.zeros((batch, num_ranks), dtype=np.int64)
-    held = np.zeros((batch, num_experts, num_ranks), dtype=bool)  # expert-major holdings
-    rows = np.arange(batch)
+    open_flat = open_loads.reshape(-1)
+    filled = np.zeros(batch * num_ranks, dtype=np.int64)
+    # barred[b * E + e, r]: +inf where rank r holds expert e already (expert-major)
+    barred = np.zeros((batch * num_experts, num_ranks))
+    barred_flat = barred.reshape(-1)
+    rank_base = np.arange(batch) * num_ranks
+    expert_base = np.arange(batch) * num_experts
+    by_item = np.ascontiguousarray(items.T)
+    w_by_item = np.ascontiguousarray(item_w.T)
+    # a replica can find every open rank holding its expert only when an earlier replica of
+    # the same expert came just before it (replicas of one expert are consecutive)
+    repeats = np.zeros(items.shape[1], dtype=bool)
+    repeats[1:] = np.any(items[:, 1:] == items[:, :-1], axis=0)
     for k in range(num_ranks * slots):
-        expert = items[:, k]
-        lacking = np.where(held[rows, expert], np.inf, open_loads)
-        rank = np.argmin(lacking, axis=1)
-        stuck = np.isinf(lacking[rows, rank])
-        if stuck.any():
-            rank[stuck] = np.argmin(open_loads[stuck], axis=1)
-        slot = filled[rows, rank]
-        phy[rows, rank, slot] = expert
-        filled[rows, rank] = slot + 1
-        grown = open_loads[rows, rank] + item_w[:, k]
-        open_loads[rows, rank] = np.where(slot + 1 >= slots, np.inf, grown)
-        held[rows, expert, rank] = True
+        at = expert_base + by_item[k]
+        lacking = barred.take(at, axis=0)
+        lacking += open_loads
+        rank = lacking.argmin(axis=1)
+        pos = rank_base + rank
+        if repeats[k]:
+            stuck = np.isinf(lacking.reshape(-1).take(pos))
+            if stuck.any():
+                rank[stuck] = np.argmin(open_loads[stuck], axis=1)
+                pos = rank_base + rank
+        slot = filled.take(pos)
+        phy_flat[pos * slots + slot] = by_item[k]
+        slot += 1
+        filled[pos] = slot
+        grown = open_flat.take(pos)
+        grown += w_by_item[k]
+        grown[slot >= slots] = np.inf
+        open_flat[pos] = grown
+        barred_flat[at * num_ranks + rank] = np.inf
     separate_duplicates(phy, weight, counts)
     return phy
 

@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from planner_checks import skewed_shrink, zipf_load
 
 from eep_controller.planner import balancedness, choose_removed_ranks, plan_placement
-from eep_controller.planner.packing import count_replicas, holdings, separate_duplicates
+from eep_controller.planner.packing import (
+    _heaviest_first,
+    count_replicas,
+    fill_lpt,
+    holdings,
+    separate_duplicates,
+)
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
@@ -295,6 +301,54 @@ def test_a_layer_that_balances_search_done_tries_no_further_cap(
     every = placement.plan_batch(load, 64, 5)
     assert np.array_equal(early, every)
     assert rows_early < sum(packed)
+
+
+def _lpt_one_at_a_time(
+    weight: np.ndarray, counts: np.ndarray, ranks: int, slots: int
+) -> np.ndarray:
+    """`fill_lpt` written plainly, one row and one replica at a time."""
+    items, item_w = _heaviest_first(weight, counts)
+    phy = np.full((weight.shape[0], ranks, slots), -1, dtype=np.int64)
+    for b in range(weight.shape[0]):
+        loads = [0.0] * ranks
+        filled = [0] * ranks
+        for e, w in zip(items[b].tolist(), item_w[b].tolist(), strict=True):
+            open_ranks = [r for r in range(ranks) if filled[r] < slots]
+            lacking = [r for r in open_ranks if e not in phy[b, r, : filled[r]]]
+            r = min(lacking or open_ranks, key=lambda q: (loads[q], q))
+            phy[b, r, filled[r]] = e
+            filled[r] += 1
+            loads[r] += w
+    separate_duplicates(phy, weight, counts)
+    return phy
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(2, 7),
+    st.integers(1, 5),
+    st.sampled_from([0.0, 1.0, 2.5]),
+    st.integers(0, 2**16),
+)
+def test_fill_lpt_places_each_replica_as_the_plain_loop_does(
+    layers: int, ranks: int, slots: int, skew: float, seed: int
+) -> None:
+    """The vectorised LPT equals the plain loop, including rows where a replica finds every
+    open rank holding its expert (hot experts on nearly every rank)."""
+    rng = np.random.default_rng(seed)
+    experts = int(rng.integers(slots, ranks * slots + 1))
+    weight = zipf_load(layers, experts, skew, seed)
+    counts = np.ones((layers, experts), dtype=np.int64)
+    for row in counts:
+        for _ in range(ranks * slots - experts):
+            # mostly onto the first experts, so counts near `ranks` are common
+            room = np.flatnonzero(row < ranks)
+            row[room[min(int(rng.integers(0, 3)), room.size - 1)]] += 1
+    got = fill_lpt(weight, counts, ranks, slots)
+    assert np.array_equal(got, _lpt_one_at_a_time(weight, counts, ranks, slots))
+    assert np.array_equal(count_replicas(got, experts), counts)
+    assert _distinct_per_rank(got)
 
 
 def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing_new() -> None:
