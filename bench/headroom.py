@@ -20,7 +20,6 @@ be checked rather than trusted. It is not run by CI.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.planner import make_load
-from eep_controller.planner import RescalePlan, plan_placement, plan_rescale
+from bench.report import report
+from eep_controller.planner import Placement, RescalePlan, plan_placement, plan_rescale
 from eep_controller.planner.packing import holdings, least_copies
 from eep_controller.planner.placement import layer_balancedness
 
@@ -183,14 +183,19 @@ def add_rescale_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=9)
 
 
+def rescale_start(args: argparse.Namespace) -> tuple[npt.NDArray[np.float64], Placement]:
+    """The load of `add_rescale_args` and eep's placement of it on the old shape."""
+    kind, _, param = args.load.partition(":")
+    load = make_load(kind, float(param))
+    return load, plan_placement(load, args.old, args.slots)
+
+
 def eep_rescale(
     args: argparse.Namespace,
 ) -> tuple[npt.NDArray[np.float64], RescalePlan, npt.NDArray[np.int64]]:
     """The load, eep's plan of the rescale (eep picks the removed ranks) and the survivors'
     slots in the new numbering [L, new R, S] (-1 on new ranks)."""
-    kind, _, param = args.load.partition(":")
-    load = make_load(kind, float(param))
-    current = plan_placement(load, args.old, args.slots)
+    load, current = rescale_start(args)
     plan = plan_rescale(current, load, args.new)
     survivors = [r for r in range(args.old) if plan.rank_map[r] >= 0]
     origin = np.full((load.shape[0], args.new, args.slots), -1, dtype=np.int64)
@@ -283,23 +288,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    console = Console(stderr=args.json)
-    # HiGHS prints its banner on the process's stdout: while searching, that is stderr,
-    # so --json leaves one JSON object on stdout
+    return report(args, _run_on_stderr, render)
+
+
+def _run_on_stderr(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """`run` with the process's stdout pointed at stderr: HiGHS prints its banner there, and
+    --json must leave one JSON object on stdout."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        result = run(args, console)
+        return run(args, console)
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        render(result, console)
-    return 0
 
 
 if __name__ == "__main__":

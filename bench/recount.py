@@ -21,7 +21,6 @@ It is not run by CI.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.headroom import add_rescale_args, check_layer, eep_rescale
+from bench.report import report
 from eep_controller.planner.packing import count_replicas, least_copies
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.search import CHOOSE_ABOVE, refine_fully
@@ -164,13 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.tries < 1:
         parser.error("--rounds and --tries must be at least 1")
-    console = Console(stderr=args.json)
-    result = run(args, console)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        render(result, console)
-    return 0
+    return report(args, run, render)
 
 
 if __name__ == "__main__":

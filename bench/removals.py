@@ -21,7 +21,6 @@ load whose layers differ ("mix") the layers average it out. Not run by CI.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from typing import Any
 
@@ -30,9 +29,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.headroom import add_rescale_args
-from bench.planner import make_load
-from eep_controller.planner import Placement, plan_placement, plan_rescale
+from bench.headroom import add_rescale_args, rescale_start
+from bench.report import report
+from eep_controller.planner import Placement, plan_rescale
 
 
 def neighbour_sets(
@@ -89,9 +88,7 @@ def summarise(eep: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, An
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    kind, _, param = args.load.partition(":")
-    load = make_load(kind, float(param))
-    current = plan_placement(load, args.old, args.slots)
+    load, current = rescale_start(args)
     eep = plan_with(current, load, args.new, None)
     sets = neighbour_sets(
         tuple(eep["removed"]), args.old, args.sets, np.random.default_rng(args.seed)
@@ -160,13 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sets must be at least 1")
     if not 1 <= args.new < args.old:
         parser.error("--new must be below --old (a scale-down) and at least 1")
-    console = Console(stderr=args.json)
-    result = run(args, console)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        render(result, console)
-    return 0
+    return report(args, run, render)
 
 
 if __name__ == "__main__":

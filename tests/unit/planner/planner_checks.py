@@ -85,3 +85,9 @@ def assert_valid_plan(current: Placement, plan: RescalePlan, failed: tuple[int, 
         for lay, slot in zip(*np.nonzero(same), strict=True):
             assert (int(lay), int(nr), int(slot)) not in seen
     assert np.array_equal(apply_transfers(current, plan), plan.placement.phy2log)
+
+
+def distinct_per_rank(phy: npt.NDArray[np.int64]) -> bool:
+    """No rank of a batched placement [B, R, S] holds one expert twice."""
+    ordered = np.sort(phy, axis=2)
+    return not bool(np.any(ordered[:, :, 1:] == ordered[:, :, :-1]))

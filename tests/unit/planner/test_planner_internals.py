@@ -1,32 +1,23 @@
-"""Planner internals the speed work rewrote: duplicate separation, refinement, rank choice."""
+"""Rescale internals the speed work rewrote: refinement, rank choice, start plans, replica-count
+options, the fallback's relabelling. (Placement from scratch: `test_placement_internals`.)"""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import skewed_shrink, zipf_load
+from planner_checks import distinct_per_rank, skewed_shrink, zipf_load
 
-from eep_controller.planner import balancedness, choose_removed_ranks, plan_placement
+from eep_controller.planner import choose_removed_ranks, plan_placement
 from eep_controller.planner.packing import (
-    _heaviest_first,
     count_replicas,
-    fill_lpt,
     holdings,
-    separate_duplicates,
 )
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
-from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
+from eep_controller.planner.replication import filler_counts
 from eep_controller.planner.search import _prefer_kept
 from eep_controller.planner.starts import _target_counts, spread_plan, sticky_hot_plan
-
-
-def _distinct_per_rank(phy: np.ndarray) -> bool:
-    ordered = np.sort(phy, axis=2)
-    return not bool(np.any(ordered[:, :, 1:] == ordered[:, :, :-1]))
-
 
 # a shrink: the survivors of a placement planned for `ranks + removed` ranks (see `_shrink`)
 SHRINKS = {
@@ -50,37 +41,6 @@ def _shrink(
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    st.integers(1, 3),
-    st.integers(2, 6),
-    st.integers(1, 5),
-    st.integers(0, 2**16),
-)
-def test_separate_duplicates_keeps_the_multiset_and_leaves_no_repeat(
-    layers: int, ranks: int, slots: int, seed: int
-) -> None:
-    rng = np.random.default_rng(seed)
-    experts = max(slots, ranks * slots // 2)
-    # counts <= ranks, so a separation exists; dealt in order, then shuffled into repeats
-    counts = np.ones((layers, experts), dtype=np.int64)
-    for row in counts:
-        extra = ranks * slots - experts
-        while extra:
-            e = int(rng.integers(experts))
-            if row[e] < ranks:
-                row[e] += 1
-                extra -= 1
-    phy = np.stack([rng.permutation(np.repeat(np.arange(experts), c)) for c in counts]).reshape(
-        layers, ranks, slots
-    )
-    weight = rng.random((layers, experts))
-    before = count_replicas(phy, experts)
-    separate_duplicates(phy, weight, counts)
-    assert np.array_equal(count_replicas(phy, experts), before)
-    assert _distinct_per_rank(phy)
-
-
-@settings(max_examples=40, deadline=None)
 @given(st.integers(1, 3), st.integers(2, 8), st.integers(1, 6), st.integers(0, 2**16))
 def test_refine_keeps_the_invariants_and_never_lowers_balance(
     layers: int, ranks: int, slots: int, seed: int
@@ -92,7 +52,7 @@ def test_refine_keeps_the_invariants_and_never_lowers_balance(
     origin = start.copy()
     for penalty in (0.0, 0.005):
         out = refine(start, load, origin, penalty=penalty, stop_at=1.0, max_steps=50)
-        assert _distinct_per_rank(out)
+        assert distinct_per_rank(out)
         counts = count_replicas(out, experts)
         assert counts.min() >= 1 and counts.max() <= ranks
         assert np.all(layer_balancedness(out, load) >= layer_balancedness(start, load) - 1e-12)
@@ -161,7 +121,7 @@ def test_refine_rows_do_not_depend_on_the_rest_of_the_batch(
             partners=partners[b : b + 1],
         )
         assert np.array_equal(out[b], solo[0])
-    assert _distinct_per_rank(out)
+    assert distinct_per_rank(out)
     counts = count_replicas(out, experts)
     assert counts.min() >= 1 and counts.max() <= ranks
     assert np.all(layer_balancedness(out, load) >= layer_balancedness(start, load) - 1e-12)
@@ -202,166 +162,6 @@ def test_choose_removed_ranks_matches_a_plain_greedy_on_orphans() -> None:
             keys.append((int((live[:, r] & alone).sum()), -r))
         gone.append(-min(keys)[1])
     assert choose_removed_ranks(current, None, 3, failed_ranks=(2,)) == tuple(sorted(gone[1:]))
-
-
-def test_skewed_placement_search_reaches_high_balance() -> None:
-    load = zipf_load(6, 256, 1.5, seed=0)
-    assert balancedness(plan_placement(load, 32, 9), load) >= 0.99
-
-
-def test_cannot_reach_flags_only_provably_unpackable_counts() -> None:
-    from eep_controller.planner.placement import _cannot_reach
-
-    ranks = 4
-    # mean rank load 1.5: five replicas of 0.8 (> half the 0.99 peak) on 4 ranks must pair up
-    weight = np.array([[4.0, 0.5, 0.5, 0.5, 0.5]])
-    counts = np.array([[5, 1, 1, 1, 1]])
-    assert _cannot_reach(weight, counts, ranks, 0.99).tolist() == [True]
-    # four of them fit one per rank, each with one 0.7 expert: every rank at the mean
-    weight4 = np.array([[3.2, 0.7, 0.7, 0.7, 0.7]])
-    counts4 = np.array([[4, 1, 1, 1, 1]])
-    assert _cannot_reach(weight4, counts4, ranks, 0.99).tolist() == [False]
-    ones = np.ones((1, 8), dtype=np.int64)
-    assert _cannot_reach(np.ones((1, 8)), ones, ranks, 0.99).tolist() == [False]
-    assert _cannot_reach(np.zeros((1, 8)), ones, ranks, 0.99).tolist() == [False]
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.integers(2, 12),
-    st.integers(1, 6),
-    st.floats(0.0, 2.0),
-    st.sampled_from((0.9, 1.0, 1.1)),
-    st.integers(0, 2**16),
-)
-def test_cannot_reach_never_flags_a_balance_a_packing_achieves(
-    ranks: int, slots: int, skew: float, cap: float, seed: int
-) -> None:
-    """The bound `plan_batch` skips packings by is sound: counts some packing balances to
-    b are never flagged as unable to reach (just under) b."""
-    from eep_controller.planner.placement import _cannot_reach, pack_scratch
-
-    experts = slots + seed % (ranks * slots - slots + 1)  # S <= E <= R * S
-    weight = zipf_load(3, experts, skew, seed=seed)
-    greedy = greedy_counts(weight, ranks * slots, ranks)
-    filler = filler_counts(weight, ranks * slots, ranks, cap * weight.sum(axis=1) / ranks)
-    for counts in (greedy, filler):
-        reached = layer_balancedness(pack_scratch(weight, counts, ranks, slots), weight)
-        assert not _cannot_reach(weight, counts, ranks, reached * (1 - 1e-9)).any()
-
-
-def test_counts_that_cannot_beat_a_layers_best_are_not_packed_and_plans_stay_the_same(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """At 64 x 5 under Zipf 1.5 the strictest replica cap provably cannot beat the layers'
-    best plans so far, so it is not packed; skipping it changes no plan."""
-    from eep_controller.planner import placement
-
-    load = zipf_load(4, 256, 1.5, seed=3)
-    packed: list[int] = []
-    real_pack = placement.pack_scratch
-
-    def counting_pack(weight: np.ndarray, *args: int) -> np.ndarray:
-        packed.append(weight.shape[0])
-        return real_pack(weight, *args)
-
-    monkeypatch.setattr(placement, "pack_scratch", counting_pack)
-    # every cap is reached (these layers reach SEARCH_DONE before the strictest one)
-    monkeypatch.setattr(placement, "SEARCH_DONE", 1.0)
-    pruned = placement.plan_batch(load, 64, 5)
-    rows_pruned = sum(packed)
-    packed.clear()
-    monkeypatch.setattr(placement, "NO_BETTER", 1e-300)  # a level near 0: nothing skipped
-    full = placement.plan_batch(load, 64, 5)
-    assert np.array_equal(pruned, full)
-    assert rows_pruned == sum(packed) - 4  # one cap of every layer skipped
-
-
-def test_a_layer_that_balances_search_done_tries_no_further_cap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """At 64 x 5 under Zipf 1.5 the 0.93 cap balances every layer past SEARCH_DONE: the
-    caps after it are not packed, and the plans are those of trying every cap."""
-    from eep_controller.planner import placement
-
-    load = zipf_load(4, 256, 1.5, seed=3)
-    packed: list[int] = []
-    real_pack = placement.pack_scratch
-
-    def counting_pack(weight: np.ndarray, *args: int) -> np.ndarray:
-        packed.append(weight.shape[0])
-        return real_pack(weight, *args)
-
-    monkeypatch.setattr(placement, "pack_scratch", counting_pack)
-    early = placement.plan_batch(load, 64, 5)
-    rows_early = sum(packed)
-    assert (placement.layer_balancedness(early, load) >= placement.SEARCH_DONE).all()
-    packed.clear()
-    monkeypatch.setattr(placement, "SEARCH_DONE", 1.0)  # never done: every cap is tried
-    every = placement.plan_batch(load, 64, 5)
-    assert np.array_equal(early, every)
-    assert rows_early < sum(packed)
-
-
-def _lpt_one_at_a_time(
-    weight: np.ndarray, counts: np.ndarray, ranks: int, slots: int
-) -> np.ndarray:
-    """`fill_lpt` written plainly, one row and one replica at a time."""
-    items, item_w = _heaviest_first(weight, counts)
-    phy = np.full((weight.shape[0], ranks, slots), -1, dtype=np.int64)
-    for b in range(weight.shape[0]):
-        loads = [0.0] * ranks
-        filled = [0] * ranks
-        for e, w in zip(items[b].tolist(), item_w[b].tolist(), strict=True):
-            open_ranks = [r for r in range(ranks) if filled[r] < slots]
-            lacking = [r for r in open_ranks if e not in phy[b, r, : filled[r]]]
-            r = min(lacking or open_ranks, key=lambda q: (loads[q], q))
-            phy[b, r, filled[r]] = e
-            filled[r] += 1
-            loads[r] += w
-    separate_duplicates(phy, weight, counts)
-    return phy
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 3),
-    st.integers(2, 7),
-    st.integers(1, 5),
-    st.sampled_from([0.0, 1.0, 2.5]),
-    st.integers(0, 2**16),
-)
-def test_fill_lpt_places_each_replica_as_the_plain_loop_does(
-    layers: int, ranks: int, slots: int, skew: float, seed: int
-) -> None:
-    """The vectorised LPT equals the plain loop, including rows where a replica finds every
-    open rank holding its expert (hot experts on nearly every rank)."""
-    rng = np.random.default_rng(seed)
-    experts = int(rng.integers(slots, ranks * slots + 1))
-    weight = zipf_load(layers, experts, skew, seed)
-    counts = np.ones((layers, experts), dtype=np.int64)
-    for row in counts:
-        for _ in range(ranks * slots - experts):
-            # mostly onto the first experts, so counts near `ranks` are common
-            room = np.flatnonzero(row < ranks)
-            row[room[min(int(rng.integers(0, 3)), room.size - 1)]] += 1
-    got = fill_lpt(weight, counts, ranks, slots)
-    assert np.array_equal(got, _lpt_one_at_a_time(weight, counts, ranks, slots))
-    assert np.array_equal(count_replicas(got, experts), counts)
-    assert _distinct_per_rank(got)
-
-
-def test_separate_duplicates_when_the_only_rank_lacking_the_expert_holds_nothing_new() -> None:
-    """Rank 0 holds expert 0 twice; rank 1 is the only rank without expert 0 and holds only
-    experts rank 0 has, so no single fitting swap exists. Swapping with one of rank 1's own
-    duplicates and passing again must still leave every rank with distinct experts."""
-    phy = np.array([[[0, 0, 1, 2], [1, 1, 2, 2], [0, 3, 4, 5], [0, 6, 7, 8]]])
-    weight = np.arange(1.0, 10.0)[None]
-    counts = count_replicas(phy, 9)
-    separate_duplicates(phy, weight, counts)
-    for rank in phy[0]:
-        assert len(set(rank.tolist())) == 4
-    assert np.array_equal(count_replicas(phy, 9), counts)
 
 
 @settings(max_examples=60, deadline=None)
@@ -420,7 +220,7 @@ def test_sticky_hot_frees_only_duplicates_and_places_every_orphan(
     # a valid full placement: every expert placed, none twice on a rank
     counts = count_replicas(out, experts)
     assert counts.min() >= 1 and counts.max() <= ranks
-    assert _distinct_per_rank(out)
+    assert distinct_per_rank(out)
     # per layer exactly max(need, 0) slots are rewritten (as many as there are orphans
     # when surviving replicas must go), and only replicas that had a sibling were dropped
     changed = out != survivors
@@ -441,50 +241,6 @@ def test_sticky_hot_unloads_the_hottest_rank_first() -> None:
     # rank 1 (5 + 2) is hotter than rank 0 (5 + 1); its only replica with a sibling is
     # expert 0's, which makes way for the orphan
     assert out.tolist() == [[[0, 1], [3, 2]]]
-
-
-def _greedy_reference(weight: np.ndarray, total: int, cap: int) -> np.ndarray:
-    """The apportionment greedy, one replica at a time, written as plainly as possible."""
-    out = np.ones_like(weight, dtype=np.int64)
-    for b in range(weight.shape[0]):
-        for _ in range(total - weight.shape[1]):
-            priority = [
-                weight[b, e] / out[b, e] if out[b, e] < cap else -1.0
-                for e in range(weight.shape[1])
-            ]
-            out[b, int(np.argmax(priority))] += 1
-    return out
-
-
-@settings(max_examples=80, deadline=None)
-@given(
-    experts=st.integers(1, 30),
-    cap=st.integers(1, 12),
-    extra=st.integers(0, 200),
-    seed=st.integers(0, 2**16),
-    kind=st.sampled_from(["zipf", "ties", "zeros", "spike", "lognormal", "fractions"]),
-)
-def test_greedy_counts_equals_the_one_at_a_time_greedy(
-    experts: int, cap: int, extra: int, seed: int, kind: str
-) -> None:
-    rng = np.random.default_rng(seed)
-    total = min(experts + extra, experts * cap)
-    if kind == "zipf":
-        weight = zipf_load(2, experts, 1.3, seed)
-    elif kind == "ties":
-        weight = rng.integers(0, 4, (2, experts)).astype(np.float64) * 6.0
-    elif kind == "zeros":
-        weight = np.zeros((2, experts))
-    elif kind == "lognormal":
-        weight = rng.lognormal(0.0, 1.5, (2, experts))
-    elif kind == "fractions":
-        # small ratios tie exactly: w / c of one expert equals w' / c' of another
-        weight = rng.integers(1, 7, (2, experts)) / rng.integers(1, 7, (2, experts))
-    else:
-        weight = np.full((2, experts), 1.0)
-        weight[:, 0] = 1e6
-    # many spare slots exercise the threshold search that skips most of the one-at-a-time loop
-    assert np.array_equal(greedy_counts(weight, total, cap), _greedy_reference(weight, total, cap))
 
 
 def test_options_equal_to_a_refined_start_are_not_searched_again() -> None:
@@ -571,23 +327,6 @@ def test_relabel_matches_a_plain_reference_and_places_every_expert_once(
         assert sorted(map(sorted, out[layer].tolist())) == sorted(
             map(sorted, fresh[layer].tolist())
         )
-
-
-def test_counts_above_match_the_greedys_own_division() -> None:
-    # ratios of small integers put weight / p within rounding of an integer, where a
-    # product-based estimate is off by one in both directions
-    rng = np.random.default_rng(1)
-    weight = rng.integers(1, 30, (500, 64)) / rng.integers(1, 30, (500, 64))
-    inverse = rng.integers(1, 30, 500) / rng.integers(1, 30, 500)
-    cap = 64
-    got = _counts_above(weight, inverse, cap)
-    threshold = 1.0 / inverse
-    c = np.arange(1, cap)
-    above = (weight[:, :, None] / c > threshold[:, None, None]).sum(axis=2)
-    assert np.array_equal(got, 1 + above)
-    estimate = np.minimum(np.ceil(weight * inverse[:, None]) - 1, cap - 1)
-    # the set-up reaches both corrections
-    assert (estimate > above).any() and (estimate < above).any()
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,0 +1,28 @@
+"""The ending the search benchmarks share: run, then one JSON object or a rich rendering."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+Result = dict[str, Any]
+
+
+def report(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Console], Result],
+    render: Callable[[Result, Console], None],
+) -> int:
+    """Run `run` with progress on a console (stderr with ``--json``, so stdout holds only the
+    JSON object), then print the result as JSON or through `render`; the exit code, 0."""
+    console = Console(stderr=args.json)
+    result = run(args, console)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render(result, console)
+    return 0
