@@ -2,6 +2,7 @@
 
     python -m bench.recount                      # 48 -> 32 x 9, Zipf 1.2, all layers, 8 rounds
     python -m bench.recount --load zipf:0.5 --rounds 30 --tries 16
+    python -m bench.recount --moves merge --rounds 1 --tries 6
     python -m bench.recount --json               # one JSON object on stdout
 
 eep plans the rescale (ranks to remove chosen by eep, as in `bench.planner`). Then, for every
@@ -12,6 +13,12 @@ replica-count options (`retargeted_plan`: keep what the counts still want, pack 
 and refined as eep's rescue refines them (`refine_fully`). A neighbour replaces the layer's
 plan when it balances at least 0.99 (eep's goal) with fewer copies. Every kept plan is
 checked against the placement invariants.
+
+With `--moves merge` the neighbours are not random but the same few every round: for each of
+the `--tries` / 2 heaviest experts holding two or more replicas whose whole load fits on one
+rank beside the lightest other experts (mean rank load / 0.99 at most), one replica moved to
+the coldest expert holding one, and one to the expert with the heaviest replica. It measures
+what a small deterministic count search inside the planner would buy, and what it would cost.
 
 Where `bench.headroom` re-solves a few ranks exactly (minutes per layer, an extra solver),
 this searches with eep's own moves: it shows what spending seconds instead of 150 ms buys.
@@ -57,6 +64,43 @@ def neighbour_counts(
     return out
 
 
+def merge_counts(
+    counts: IntArray, load: npt.NDArray[np.float64], tries: int, slots: int
+) -> IntArray:
+    """[B * tries, E]: `tries` neighbours of each row of `counts` [B, E] (replica counts on
+    R ranks of `slots` slots, R = total / slots). For the k-th heaviest expert (k < tries
+    // 2) holding >= 2 replicas whose whole load fits on one rank with the `slots` - 1
+    lightest other experts (their load per replica; at most mean rank load / CHOOSE_ABOVE):
+    one replica moved to the coldest expert holding one (neighbour 2k), and one to the expert
+    with the heaviest replica that holds fewer than R (neighbour 2k + 1). A row with fewer
+    such experts repeats its counts in the neighbours left."""
+    batch, experts = counts.shape
+    ranks = int(counts[0].sum()) // slots
+    share = load / np.maximum(counts, 1)
+    lightest = np.sort(share, axis=1)[:, : slots - 1].sum(axis=1)
+    peak = load.sum(axis=1) / ranks / CHOOSE_ABOVE
+    fits = (counts >= 2) & (load + lightest[:, None] <= peak[:, None])
+    givers = np.argsort(np.where(fits, -load, np.inf), axis=1, kind="stable")
+    rows = np.arange(batch)
+    out = np.repeat(counts, tries, axis=0).reshape(batch, tries, experts)
+    for n in range(tries):
+        give = givers[:, n // 2]
+        ok = fits[rows, give]
+        if n % 2 == 0:
+            key = np.where(counts == 1, load, np.inf)
+            key[rows, give] = np.inf
+            take = np.argmin(key, axis=1)
+            ok &= np.isfinite(key[rows, take])
+        else:
+            key = np.where(counts < ranks, share, -np.inf)
+            key[rows, give] = -np.inf
+            take = np.argmax(key, axis=1)
+            ok &= np.isfinite(key[rows, take])
+        out[rows[ok], n, give[ok]] -= 1
+        out[rows[ok], n, take[ok]] += 1
+    return out.reshape(batch * tries, experts)
+
+
 def search(
     load: npt.NDArray[np.float64],
     origin: IntArray,
@@ -65,13 +109,15 @@ def search(
     rounds: int,
     tries: int,
     seed: int,
+    moves: str = "random",
     progress: Progress | None = None,
 ) -> tuple[IntArray, list[dict[str, float]]]:
     """Rounds of the replica-count neighbourhood search from plans `start` [L, R, S] (new
-    numbering; `origin` is the survivors' slots, -1 on new ranks). Returns the best plans
-    and, per round, the total copies and the seconds spent so far."""
+    numbering; `origin` is the survivors' slots, -1 on new ranks), with `neighbour_counts`
+    (`moves` "random") or `merge_counts` ("merge"). Returns the best plans and, per round,
+    the total copies and the seconds spent so far."""
     rng = np.random.default_rng(seed)
-    layers, ranks, _ = origin.shape
+    layers, ranks, slots = origin.shape
     num_experts = load.shape[1]
     best = start.copy()
     copies = (best != origin).sum(axis=(1, 2))
@@ -81,7 +127,11 @@ def search(
     t0 = time.perf_counter()
     task = progress.add_task("rounds", total=rounds) if progress else None
     for _ in range(rounds):
-        counts = neighbour_counts(count_replicas(best, num_experts), tries, ranks, rng)
+        now = count_replicas(best, num_experts)
+        if moves == "merge":
+            counts = merge_counts(now, load, tries, slots)
+        else:
+            counts = neighbour_counts(now, tries, ranks, rng)
         plans = refine_fully(
             retargeted_plan(origin[row], load[row], counts), load[row], origin[row], orphaned[row]
         )
@@ -118,6 +168,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             rounds=args.rounds,
             tries=args.tries,
             seed=args.seed,
+            moves=args.moves,
             progress=progress,
         )
     eep_copies = int(plan.stats["copies"])
@@ -126,6 +177,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "load": args.load,
         "rescale": f"{args.old}->{args.new} x{args.slots}",
         "tries": args.tries,
+        "moves": args.moves,
         "lower_bound": bound,
         "eep_copies": eep_copies,
         "eep_ratio": eep_copies / max(bound, 1),
@@ -140,7 +192,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def render(result: dict[str, Any], console: Console) -> None:
     table = Table(
         title=f"{result['rescale']} under {result['load']}: eep against "
-        f"{result['tries']} replica-count neighbours per layer and round"
+        f"{result['tries']} {result['moves']} replica-count neighbours per layer and round"
     )
     for col in ("round", "copies", "x bound", "seconds"):
         table.add_column(col, justify="right")
@@ -160,10 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tries", type=int, default=16, help="neighbours per layer and round")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--moves",
+        choices=("random", "merge"),
+        default="random",
+        help="random neighbours, or the merge neighbours (see above; --tries even)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.tries < 1:
         parser.error("--rounds and --tries must be at least 1")
+    if args.moves == "merge" and args.tries % 2:
+        parser.error("--moves merge makes neighbours in pairs: --tries must be even")
     return report(args, run, render)
 
 

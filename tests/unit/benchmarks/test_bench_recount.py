@@ -3,6 +3,8 @@ for a unit test (the script itself runs the bench's 58 x 256 shapes)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -33,19 +35,50 @@ def test_a_row_with_no_legal_move_is_left_as_it_is() -> None:
     assert (out == 1).all()
 
 
-def _small_rescale() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(11)
-    load = np.stack([rng.permutation(1.0 / np.arange(1, 25) ** 1.2) for _ in range(3)])
-    current = plan_placement(load, 12, 4)
+def test_merge_neighbours_move_a_fitting_expert_to_the_coldest_or_the_heaviest_replica() -> None:
+    # 2 ranks x 3 slots: mean rank load 9.5, so an expert fits alone with the two lightest
+    # replicas (0.5 + 1.0) when its load is at most 9.5 / 0.99 - 1.5
+    load = np.array([[8.0, 6.0, 3.5, 0.5, 1.0]])
+    counts = np.array([[2, 1, 1, 1, 1]])
+    out = recount.merge_counts(counts, load, 4, 3)
+    assert out.shape == (4, 5)
+    # expert 0 (8.0, two replicas) is the only fitting giver: to the coldest single (3), and
+    # to the heaviest replica (expert 1, 6.0); the second pair has no giver and repeats
+    assert out[0].tolist() == [1, 1, 1, 2, 1]
+    assert out[1].tolist() == [1, 2, 1, 1, 1]
+    assert (out[2:] == counts).all()
+    assert (out.sum(axis=1) == counts.sum()).all()
+
+
+def test_merge_neighbours_skip_experts_too_heavy_to_stand_alone() -> None:
+    load = np.array([[9.8, 6.0, 3.5, 0.5, 0.2]])  # 9.8 + 0.2 + 0.5 > 10 / 0.99
+    counts = np.array([[2, 1, 1, 1, 1]])
+    assert (recount.merge_counts(counts, load, 2, 3) == counts).all()
+
+
+def _small_rescale(
+    seed: int = 11, old: int = 12, slots: int = 4, experts: int = 24, skew: float = 1.2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A scale-down from `old` ranks to 8 of three Zipf layers: the load, the survivors'
+    slots and eep's plan."""
+    rng = np.random.default_rng(seed)
+    load = np.stack([rng.permutation(1.0 / np.arange(1, experts + 1) ** skew) for _ in range(3)])
+    current = plan_placement(load, old, slots)
     plan = plan_rescale(current, load, 8)
-    survivors = [r for r in range(12) if plan.rank_map[r] >= 0]
+    survivors = [r for r in range(old) if plan.rank_map[r] >= 0]
     origin = current.by_rank()[:, survivors]
     return load, origin, plan.placement.by_rank()
 
 
-def test_the_search_never_keeps_a_plan_with_more_copies_or_below_the_goal() -> None:
-    load, origin, start = _small_rescale()
-    best, history = recount.search(load, origin, start, rounds=4, tries=8, seed=0)
+@pytest.mark.parametrize(
+    ("moves", "shape"),
+    [("random", {}), ("merge", {"seed": 4, "slots": 5, "experts": 32, "skew": 1.0})],
+)
+def test_the_search_never_keeps_a_plan_with_more_copies_or_below_the_goal(
+    moves: str, shape: dict[str, Any]
+) -> None:
+    load, origin, start = _small_rescale(**shape)
+    best, history = recount.search(load, origin, start, rounds=4, tries=8, seed=0, moves=moves)
     start_copies = (start != origin).sum(axis=(1, 2))
     best_copies = (best != origin).sum(axis=(1, 2))
     assert (best_copies <= start_copies).all()
@@ -70,7 +103,10 @@ def test_the_search_is_deterministic_for_a_seed() -> None:
     assert np.array_equal(first, again)
 
 
-def test_rounds_or_tries_below_one_are_refused() -> None:
+@pytest.mark.parametrize(
+    "argv", [["--rounds", "0"], ["--tries", "0"], ["--moves", "merge", "--tries", "5"]]
+)
+def test_bad_rounds_or_tries_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        recount.main(["--rounds", "0"])
+        recount.main(argv)
     assert exc.value.code == 2
