@@ -49,11 +49,13 @@ def refine(
     max_steps: int = 200,
     light_ranks: int = LIGHT_RANKS,
     partners: BoolArray | None = None,
+    min_gain: float = 0.0,
 ) -> IntArray:
     """Improve a full batched placement [B, R, S]; returns a new array.
 
-    A row stops when its balancedness reaches `stop_at`, when no move pays, or after
-    `max_steps` steps. Keeps S slots per rank, distinct experts per rank, >= 1 replica each.
+    A row stops when its balancedness reaches `stop_at`, when no move pays, after a move
+    that lowers its peak by less than `min_gain` x its mean rank load, or after `max_steps`
+    steps. Keeps S slots per rank, distinct experts per rank, >= 1 replica each.
     Rows where `partners` [B] is set also consider partner slots (see the module doc). Each
     row's result depends on that row alone.
     """
@@ -261,7 +263,9 @@ def refine(
             counts[br, a] += 1
         changed = active[moving]
         top = loads[changed].max(axis=1)
-        still = mean[changed] < stop_at * top
+        still = (mean[changed] < stop_at * top) & (
+            hot_load[moving] - top >= min_gain * mean[changed]
+        )
         active = changed[still]
     return phy
 

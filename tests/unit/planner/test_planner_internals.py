@@ -12,6 +12,7 @@ from eep_controller.planner import choose_removed_ranks, plan_placement
 from eep_controller.planner.packing import (
     count_replicas,
     holdings,
+    slot_weights,
 )
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.refinement import refine
@@ -64,6 +65,33 @@ def test_refine_with_a_prohibitive_price_makes_only_free_moves() -> None:
     origin = start.copy()
     out = refine(start, load, origin, penalty=1e9, stop_at=1.0, max_steps=100)
     assert np.array_equal(out, start)  # every move from a settled plan adds copies
+
+
+def test_refine_stops_a_row_after_a_move_that_gains_less_than_min_gain() -> None:
+    load = zipf_load(4, 48, 1.0, seed=5)
+    rng = np.random.default_rng(5)
+    # a poor start: each expert once, on 8 ranks x 6 slots at random
+    start = np.stack([rng.permutation(48).reshape(8, 6) for _ in range(4)])
+    origin = start.copy()
+    full = refine(start, load, origin, stop_at=1.0, max_steps=40)
+    one_step = refine(start, load, origin, stop_at=1.0, max_steps=1)
+    # no move gains an infinite share of the mean: one move per row, then it stops
+    stopped = refine(start, load, origin, stop_at=1.0, max_steps=40, min_gain=np.inf)
+    assert np.array_equal(stopped, one_step)
+    assert not np.array_equal(full, one_step)  # without it the rows go on
+    assert np.all(layer_balancedness(full, load) > layer_balancedness(stopped, load))
+    # a finite min_gain: each row stops right after its first move that lowers the peak by
+    # less than min_gain x the mean rank load (found here one step at a time)
+    steps = [refine(start, load, origin, stop_at=1.0, max_steps=k) for k in range(41)]
+    mean = load.sum(axis=1) / 8
+    peaks = np.array([slot_weights(p, load, count_replicas(p, 48)).sum(2).max(1) for p in steps])
+    drops = (peaks[:-1] - peaks[1:]) / mean  # [step, row]; 0 once a row stopped
+    min_gain = float(np.median(drops[drops > 0]))
+    cut = refine(start, load, origin, stop_at=1.0, max_steps=40, min_gain=min_gain)
+    for row in range(4):
+        small = np.flatnonzero(drops[:, row] < min_gain)
+        last = int(small[0]) + 1 if small.size else 40
+        assert np.array_equal(cut[row], steps[last][row])
 
 
 def _partner_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
