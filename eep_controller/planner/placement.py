@@ -30,8 +30,9 @@ REPLICA_CAPS = (0.97, 0.93, 0.9, 0.85)
 PAIR_STEPS = 8
 # The final local search stops a layer at REFINE_UNTIL balancedness, after REFINE_STEPS
 # moves, or after a move that lowers its peak by less than REFINE_MIN_GAIN x its mean rank
-# load. Without the last, single layers crept on by a few millionths per move near the top: at 64 x 12 under lognormal 1.0 one went from 0.99978 to 0.99987 in 30 steps, and
-# its half of the layers took 20 ms against the other half's 14 (the plan waits for both).
+# load. Without the last, single layers crept on by a few millionths per move near the top:
+# at 64 x 12 under lognormal 1.0 one went from 0.99978 to 0.99987 in 30 moves, and its
+# half of the layers took 20 ms against the other half's 14 (the plan waits for both).
 # Over the bench's seven loads and 15 shapes no cell's balancedness dropped by more than
 # 0.00013 (the 32 x 9 and 8 x 36 cells by at most 0.00004); none fell below the
 # baseline.
