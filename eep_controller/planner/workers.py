@@ -83,11 +83,15 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH", "")) if p
         )
+        # `python -m` puts its working directory first on the path: run it where this
+        # package lives, so another `eep_controller` in the caller's directory (a checkout
+        # of another version) cannot supply the worker's code
         self.proc = subprocess.Popen(
             [sys.executable, "-m", WORKER_MODULE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            cwd=package_root,
         )
         self.ready = False
         self.dead = False

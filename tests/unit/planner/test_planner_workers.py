@@ -91,6 +91,34 @@ def test_same_placement_with_and_without_workers(one_worker: None) -> None:
         assert np.array_equal(shared.phy2log, alone.phy2log)
 
 
+def test_workers_run_this_planner_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m` puts the working directory first on the path: a directory holding another
+    `eep_controller` (a checkout of another version, say) must not supply the workers' code."""
+    imposter = tmp_path / "eep_controller" / "planner"
+    imposter.mkdir(parents=True)
+    (tmp_path / "eep_controller" / "__init__.py").write_text("")
+    (imposter / "__init__.py").write_text("")
+    marker = tmp_path / "imposter-ran"
+    (imposter / "worker.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    configure_workers(1)
+    try:
+        assert wait_for_workers(timeout=60)
+        current, load = _case()
+        served = layers_served()
+        shared = plan_rescale(current, load, 16)
+        assert layers_served() == served + LAYERS // 2
+        with planning_alone():
+            _plans_equal(shared, plan_rescale(current, load, 16))
+        assert not marker.exists()
+    finally:
+        pids = worker_pids()
+        configure_workers(None)
+        assert all(_gone(pid) for pid in pids)
+
+
 def test_concurrent_plans_share_the_workers_safely(one_worker: None) -> None:
     current, load = _case()
     expected = {n: plan_rescale(current, load, n) for n in (10, 12, 14, 16)}
