@@ -263,9 +263,9 @@ def refine(
             counts[br, a] += 1
         changed = active[moving]
         top = loads[changed].max(axis=1)
-        still = (mean[changed] < stop_at * top) & (
-            hot_load[moving] - top >= min_gain * mean[changed]
-        )
+        still = mean[changed] < stop_at * top
+        if min_gain > 0:
+            still &= hot_load[moving] - top >= min_gain * mean[changed]
         active = changed[still]
     return phy
 
