@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.planner import make_load
-from bench.report import report
+from bench.report import progress_bar, report
 from eep_controller.planner import Placement, RescalePlan, plan_placement, plan_rescale
 from eep_controller.planner.packing import holdings, least_copies
 from eep_controller.planner.placement import layer_balancedness
@@ -209,13 +208,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     new = plan.placement.by_rank()
     bounds = least_copies(origin, load.shape[1])  # per layer: new slots or orphans
     rows = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with progress_bar(console) as progress:
         for layer in args.layers:
             search = Neighbourhoods(load[layer], origin[layer], new[layer], args.seed + layer)
             eep_copies = search.copies(search.current)

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from bench.headroom import add_rescale_args, check_layer, eep_rescale
-from bench.report import report
+from bench.report import progress_bar, report
 from eep_controller.planner.packing import count_replicas, least_copies
 from eep_controller.planner.placement import layer_balancedness
 from eep_controller.planner.search import CHOOSE_ABOVE, refine_fully
@@ -85,17 +85,13 @@ def merge_counts(
     out = np.repeat(counts, tries, axis=0).reshape(batch, tries, experts)
     for n in range(tries):
         give = givers[:, n // 2]
-        ok = fits[rows, give]
-        if n % 2 == 0:
-            key = np.where(counts == 1, load, np.inf)
-            key[rows, give] = np.inf
-            take = np.argmin(key, axis=1)
-            ok &= np.isfinite(key[rows, take])
-        else:
+        if n % 2 == 0:  # the coldest expert holding one
+            key = np.where(counts == 1, -load, -np.inf)
+        else:  # the heaviest replica, on fewer than R ranks
             key = np.where(counts < ranks, share, -np.inf)
-            key[rows, give] = -np.inf
-            take = np.argmax(key, axis=1)
-            ok &= np.isfinite(key[rows, take])
+        key[rows, give] = -np.inf
+        take = np.argmax(key, axis=1)
+        ok = fits[rows, give] & np.isfinite(key[rows, take])
         out[rows[ok], n, give[ok]] -= 1
         out[rows[ok], n, take[ok]] += 1
     return out.reshape(batch * tries, experts)
@@ -154,13 +150,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     load, plan, origin = eep_rescale(args)
     start = plan.placement.by_rank()
     bound = int(least_copies(origin, load.shape[1]).sum())
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with progress_bar(console) as progress:
         best, history = search(
             load,
             origin,

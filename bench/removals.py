@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.headroom import add_rescale_args, rescale_start
-from bench.report import report
+from bench.report import progress_bar, report
 from eep_controller.planner import Placement, plan_rescale
 
 
@@ -94,14 +93,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         tuple(eep["removed"]), args.old, args.sets, np.random.default_rng(args.seed)
     )
     others = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with progress_bar(console, counted=True) as progress:
         task = progress.add_task("removal sets", total=len(sets))
         for removed in sets:
             others.append(plan_with(current, load, args.new, removed))

@@ -1,4 +1,5 @@
-"""The ending the search benchmarks share: run, then one JSON object or a rich rendering."""
+"""What the search benchmarks share: their progress bar, and their ending (run, then one JSON
+object or a rich rendering)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 Result = dict[str, Any]
 
@@ -26,3 +28,12 @@ def report(
     else:
         render(result, console)
     return 0
+
+
+def progress_bar(console: Console, *, counted: bool = False) -> Progress:
+    """The search benchmarks' transient progress bar on `console`: description, bar, (with
+    `counted`, done of total,) elapsed time."""
+    columns = [TextColumn("{task.description}"), BarColumn()]
+    if counted:
+        columns.append(MofNCompleteColumn())
+    return Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
