@@ -48,6 +48,12 @@ def run(
     label: list[str] = typer.Option([], help="node label key=value (repeatable)"),
     log_level: str = typer.Option("INFO"),
     worker_log_level: str = typer.Option("WARNING", help="log level of the worker processes"),
+    worker_start: str = typer.Option(
+        "forkserver",
+        envvar="EEP_AGENT_WORKER_START",
+        help="how worker processes start: forkserver (forked from a server that imported "
+        "torch once) or spawn (a fresh interpreter each)",
+    ),
     load_interval: float = typer.Option(
         2.0, min=0.1, help="seconds between load-window publications"
     ),
@@ -60,6 +66,7 @@ def run(
 ) -> None:
     """Register this node and run its workers until SIGTERM."""
     from eep_agent.daemon import AgentDaemon
+    from eep_agent.worker_pool import start_method
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -68,6 +75,10 @@ def run(
         devs = parse_devices(devices) if devices else detect_devices()
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--devices") from None
+    try:
+        start_method(worker_start)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--worker-start") from None
     if not devs:
         raise typer.BadParameter(
             "no GPU or NPU found: pass --devices cpu:N", param_hint="--devices"
@@ -85,6 +96,7 @@ def run(
         labels=_labels(label),
         load_interval_s=load_interval,
         worker_log_level=worker_log_level.upper(),
+        worker_start=worker_start,
         shutdown_timeout_s=shutdown_timeout,
     )
     asyncio.run(AgentDaemon(settings).run())

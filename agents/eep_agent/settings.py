@@ -24,6 +24,8 @@ class AgentSettings:
     load_interval_s: float = 2.0
     load_window_s: float = 60.0
     worker_log_level: str = "WARNING"
+    # how worker processes start: "forkserver" (fast) or "spawn" (see eep_agent.worker_pool)
+    worker_start: str = "forkserver"
     # a shutdown that has not ended by then kills the workers by pid and exits with code 3
     shutdown_timeout_s: float = 60.0
 

@@ -4,7 +4,9 @@ the load window, and its HTTP surface."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from tests.integration.agent.harness import (
     spec_for,
     start_agent,
 )
-from tests.support.processes import Proc, pid_running, sigterm_held_past_bound
+from tests.support.processes import BIN, Proc, pid_running, sigterm_held_past_bound
 
 pytestmark = [pytest.mark.torch, pytest.mark.timeout(240)]
 
@@ -53,13 +55,17 @@ def _usage(proc: psutil.Process) -> tuple[int, int, int]:
 
 
 def _tree(agent: Proc) -> dict[str, tuple[int, int, int]]:
-    """fds, threads, RSS of the agent and of the workers that live through every cycle (devices 0, 1)."""
+    """fds, threads, RSS of the agent, of its fork server (the workers' parent) and of the
+    workers that live through every cycle (devices 0, 1)."""
     parent = psutil.Process(agent.pid)
     out = {"agent": _usage(parent)}
     pids = {
         w["device_index"]: w["pid"]
         for w in httpx.get(f"{agent.url}/v1/workers", timeout=10).json()["workers"]
     }
+    server = psutil.Process(pids[0]).parent()
+    assert server is not None and server.ppid() == agent.pid, "workers come from the fork server"
+    out["fork server"] = _usage(server)
     for device in (0, 1):
         out[f"worker{device}"] = _usage(psutil.Process(pids[device]))
     return out
@@ -82,7 +88,8 @@ async def test_twenty_scale_cycles_leak_no_fds_threads_or_memory(
     for i in range(2):  # warm-up: lazy imports, allocator pools, the agent's bounded thread pool
         await cycle(i)
     base = _tree(agent)
-    base_children = len(psutil.Process(agent.pid).children())
+    # workers are forked from the agent's fork server: count every process below the agent
+    base_children = len(psutil.Process(agent.pid).children(recursive=True))
     started = time.monotonic()
     for i in range(20):
         await cycle(i)
@@ -91,7 +98,7 @@ async def test_twenty_scale_cycles_leak_no_fds_threads_or_memory(
     result = await driver.probe(num_tokens=8, seed=3)
     assert result.ok, result
     assert (
-        len(psutil.Process(agent.pid).children()) == base_children
+        len(psutil.Process(agent.pid).children(recursive=True)) == base_children
     )  # joined workers were all reaped
     for name, (fds, threads, rss) in after.items():
         fds0, threads0, rss0 = base[name]
@@ -146,6 +153,49 @@ async def test_sigterm_stops_the_workers_and_revokes_the_lease_at_once(
     assert not any(
         psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
     )
+
+
+@pytest.mark.parametrize("method", [None, "spawn"], ids=["default", "spawn"])
+async def test_workers_start_by_the_chosen_method_serve_and_stop_with_the_agent(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc], method: str | None
+) -> None:
+    """By default every worker is forked from one fork server below the agent (it imported
+    torch once); with EEP_AGENT_WORKER_START=spawn each worker is the agent's own child. Either
+    way the workers serve exactly, and a SIGTERM leaves no process of the agent behind."""
+    driver = small_driver
+    env = {"EEP_AGENT_WORKER_START": method} if method else None
+    proc = start_agent(etcd, prefix, "a", 2, env=env)
+    agents.append(proc)
+    assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+    result = await driver.probe(num_tokens=8, seed=5)
+    assert result.ok, result
+    pids = [w["pid"] for w in httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]]
+    assert len(pids) == 2
+    parents = {psutil.Process(p).ppid() for p in pids}
+    if method == "spawn":
+        assert parents == {proc.pid}
+    else:
+        assert len(parents) == 1 and proc.pid not in parents
+        server = psutil.Process(parents.pop())
+        assert server.ppid() == proc.pid and "forkserver" in " ".join(server.cmdline())
+    below = psutil.Process(proc.pid).children(recursive=True)
+    proc.signal(signal.SIGTERM)
+    assert proc.popen.wait(20) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_running(p.pid) for p in below):
+        await asyncio.sleep(0.1)
+    assert not [p.pid for p in below if pid_running(p.pid)]
+
+
+def test_an_unknown_worker_start_method_is_refused_naming_the_choices() -> None:
+    done = subprocess.run(
+        [str(BIN / "eep-agent"), "run", "--etcd", "http://127.0.0.1:9", "--devices", "cpu:1",
+         "--worker-start", "fork"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "unknown worker start method 'fork'" in done.stderr
+    assert "forkserver, spawn" in done.stderr
 
 
 async def test_a_shutdown_held_past_its_bound_kills_the_workers_and_exits_3(
