@@ -155,13 +155,23 @@ async def test_sigterm_stops_the_workers_and_revokes_the_lease_at_once(
     )
 
 
-@pytest.mark.parametrize("method", [None, "spawn"], ids=["default", "spawn"])
+@pytest.mark.parametrize(
+    ("method", "kill"),
+    [(None, False), (None, True), ("spawn", False)],
+    ids=["default-sigterm", "default-sigkill", "spawn-sigterm"],
+)
 async def test_workers_start_by_the_chosen_method_serve_and_stop_with_the_agent(
-    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc], method: str | None
+    etcd: str,
+    prefix: str,
+    small_driver: ContractDriver,
+    agents: list[Proc],
+    method: str | None,
+    kill: bool,
 ) -> None:
     """By default every worker is forked from one fork server below the agent (it imported
     torch once); with EEP_AGENT_WORKER_START=spawn each worker is the agent's own child. Either
-    way the workers serve exactly, and a SIGTERM leaves no process of the agent behind."""
+    way the workers serve exactly, and neither a SIGTERM nor a SIGKILL of the agent leaves a
+    process of it behind."""
     driver = small_driver
     env = {"EEP_AGENT_WORKER_START": method} if method else None
     proc = start_agent(etcd, prefix, "a", 2, env=env)
@@ -179,8 +189,12 @@ async def test_workers_start_by_the_chosen_method_serve_and_stop_with_the_agent(
         server = psutil.Process(parents.pop())
         assert server.ppid() == proc.pid and "forkserver" in " ".join(server.cmdline())
     below = psutil.Process(proc.pid).children(recursive=True)
-    proc.signal(signal.SIGTERM)
-    assert proc.popen.wait(20) == 0
+    assert len(below) >= 3  # the two workers and the fork server or spawn's resource tracker
+    if kill:
+        proc.kill9()  # nothing of the agent runs: the workers and the server see their pipes close
+    else:
+        proc.signal(signal.SIGTERM)
+        assert proc.popen.wait(20) == 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(pid_running(p.pid) for p in below):
         await asyncio.sleep(0.1)
