@@ -9,8 +9,8 @@ Start methods (`WORKER_START_METHODS`): ``forkserver`` (the default) forks each 
 one server process that imported torch and the worker module once, when the agent started
 (see `WorkerPool.warm_up`); a worker is then up in tens of milliseconds, where ``spawn``
 starts a fresh interpreter that imports torch again (seconds on a small host) and takes
-about a second more to exit. The server holds no threads and never touches a device, so
-forking it is safe; each worker still sets up its own torch threads and process groups.
+about a second more to exit. The server runs a single thread and never touches a device,
+so forking it is safe; each worker still sets up its own torch threads and process groups.
 ``spawn`` remains for hosts without ``fork`` and for ruling the server out.
 """
 
@@ -273,9 +273,12 @@ class WorkerPool:
         the time the first worker is wanted. Returns at once (the server imports on its
         own); blocking only for the moment it takes to launch it."""
         if self.method == "forkserver":
+            # the standard library's context: the fork server is one per process whichever
+            # context starts it, and the agent need not import torch for it
+            import multiprocessing
             from multiprocessing import forkserver
 
-            worker_context(self.method)
+            multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
             forkserver.ensure_running()
 
     def get(self, deployment: str, device_index: int) -> WorkerHandle | None:
