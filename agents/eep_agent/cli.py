@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from eep_agent.devices import detect_devices, parse_devices
-from eep_agent.settings import AgentSettings
+from eep_agent.settings import AgentSettings, start_method
 
 app = typer.Typer(
     help="eep agent: runs expert-parallel workers on this node.", no_args_is_help=True
@@ -66,7 +66,6 @@ def run(
 ) -> None:
     """Register this node and run its workers until SIGTERM."""
     from eep_agent.daemon import AgentDaemon
-    from eep_agent.worker_pool import start_method
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -76,7 +75,7 @@ def run(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--devices") from None
     try:
-        start_method(worker_start)
+        method = start_method(worker_start)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-start") from None
     if not devs:
@@ -96,7 +95,7 @@ def run(
         labels=_labels(label),
         load_interval_s=load_interval,
         worker_log_level=worker_log_level.upper(),
-        worker_start=worker_start,
+        worker_start=method,
         shutdown_timeout_s=shutdown_timeout,
     )
     asyncio.run(AgentDaemon(settings).run())

@@ -31,7 +31,7 @@ from eep_agent.reconciler import NodeReconciler
 from eep_agent.registration import NodeRegistration
 from eep_agent.settings import AgentSettings
 from eep_agent.view import DeploymentView
-from eep_agent.worker_pool import WorkerPool, start_method
+from eep_agent.worker_pool import WorkerPool
 from eep_controller.httpserver import EmbeddedServer, make_server
 from eep_controller.protocol import NodeInfo
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace, PrefixWatch
@@ -55,7 +55,7 @@ class AgentDaemon:
         self.registration: NodeRegistration | None = None
         self.stopping = asyncio.Event()
         self._server: EmbeddedServer | None = None
-        self.pool = WorkerPool(settings.worker_log_level, start_method(settings.worker_start))
+        self.pool = WorkerPool(settings.worker_log_level, settings.worker_start)
         self.view = DeploymentView(self.store.keys)
         self.driver = OpDriver(
             NodeContext(settings.node_id, settings.devices, settings.host, settings.public_host),

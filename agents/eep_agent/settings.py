@@ -5,8 +5,21 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from eep_controller.protocol import Device
+
+StartMethod = Literal["forkserver", "spawn"]
+WORKER_START_METHODS: tuple[StartMethod, ...] = ("forkserver", "spawn")
+
+
+def start_method(name: str) -> StartMethod:
+    """``name`` as a worker start method; ValueError naming the choices otherwise."""
+    if name not in WORKER_START_METHODS:
+        raise ValueError(
+            f"unknown worker start method {name!r}; choose one of {', '.join(WORKER_START_METHODS)}"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -25,7 +38,7 @@ class AgentSettings:
     load_window_s: float = 60.0
     worker_log_level: str = "WARNING"
     # how worker processes start: "forkserver" (fast) or "spawn" (see eep_agent.worker_pool)
-    worker_start: str = "forkserver"
+    worker_start: StartMethod = "forkserver"
     # a shutdown that has not ended by then kills the workers by pid and exits with code 3
     shutdown_timeout_s: float = 60.0
 

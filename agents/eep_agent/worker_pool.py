@@ -5,7 +5,7 @@ of its duplex Pipe and one reader thread that matches replies to waiting calls. 
 process dies, every waiting call fails with :class:`WorkerGone` at once, never after a
 timeout.
 
-Start methods (`WORKER_START_METHODS`): ``forkserver`` (the default) forks each worker from
+Start methods (`eep_agent.settings.WORKER_START_METHODS`): ``forkserver`` (the default) forks each worker from
 one server process that imported torch and the worker module once, when the agent started
 (see `WorkerPool.warm_up`); a worker is then up in tens of milliseconds, where ``spawn``
 starts a fresh interpreter that imports torch again (seconds on a small host) and takes
@@ -26,25 +26,15 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Literal
+from typing import Any
 
 from eep_agent.runtime.commands import Command, Ready, Reply, Request, Stop, WorkerIdentity
+from eep_agent.settings import StartMethod
 
 log = logging.getLogger(__name__)
 
-StartMethod = Literal["forkserver", "spawn"]
-WORKER_START_METHODS: tuple[StartMethod, ...] = ("forkserver", "spawn")
 # what the fork server imports once, so that each worker forked from it has them loaded
 FORKSERVER_PRELOAD = ["torch", "eep_agent.runtime.worker"]
-
-
-def start_method(name: str) -> StartMethod:
-    """``name`` as a worker start method; ValueError naming the choices otherwise."""
-    if name not in WORKER_START_METHODS:
-        raise ValueError(
-            f"unknown worker start method {name!r}; choose one of {', '.join(WORKER_START_METHODS)}"
-        )
-    return name
 
 
 def worker_context(method: StartMethod) -> Any:
