@@ -182,6 +182,17 @@ def add_rescale_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=9)
 
 
+def rescale_result(args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """A rescale script's result: the load and the rescale of `add_rescale_args`, then
+    `fields`."""
+    return {"load": args.load, "rescale": f"{args.old}->{args.new} x{args.slots}", **fields}
+
+
+def rescale_title(result: dict[str, Any], what: str) -> str:
+    """A rescale script's table title: the rescale and the load of `result`, then `what`."""
+    return f"{result['rescale']} under {result['load']}: {what}"
+
+
 def rescale_start(args: argparse.Namespace) -> tuple[npt.NDArray[np.float64], Placement]:
     """The load of `add_rescale_args` and eep's placement of it on the old shape."""
     kind, _, param = args.load.partition(":")
@@ -234,19 +245,12 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 "search_ratio": search.copies(best) / max(bound, 1),
                 "seconds": args.seconds,
             })  # fmt: skip
-    return {
-        "load": args.load,
-        "rescale": f"{args.old}->{args.new} x{args.slots}",
-        "removed_ranks": removed,
-        "free_ranks": args.free_ranks,
-        "layers": rows,
-    }
+    return rescale_result(args, removed_ranks=removed, free_ranks=args.free_ranks, layers=rows)
 
 
 def render(result: dict[str, Any], console: Console) -> None:
     table = Table(
-        title=f"{result['rescale']} under {result['load']}: eep against "
-        f"{result['free_ranks']}-rank neighbourhood search"
+        title=rescale_title(result, f"eep against {result['free_ranks']}-rank neighbourhood search")
     )
     for col in ("layer", "bound", "eep copies", "eep x bound", "search copies", "search x bound",
                 "search bal", "seconds"):  # fmt: skip

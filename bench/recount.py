@@ -37,7 +37,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.headroom import add_rescale_args, check_layer, eep_rescale
+from bench.headroom import (
+    add_rescale_args,
+    check_layer,
+    eep_rescale,
+    rescale_result,
+    rescale_title,
+)
 from bench.report import progress_bar, report
 from eep_controller.planner.packing import count_replicas, least_copies
 from eep_controller.planner.placement import layer_balancedness
@@ -163,26 +169,28 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         )
     eep_copies = int(plan.stats["copies"])
     found = int((best != origin).sum())
-    return {
-        "load": args.load,
-        "rescale": f"{args.old}->{args.new} x{args.slots}",
-        "tries": args.tries,
-        "moves": args.moves,
-        "lower_bound": bound,
-        "eep_copies": eep_copies,
-        "eep_ratio": eep_copies / max(bound, 1),
-        "eep_bal": float(plan.stats["balancedness_after"]),
-        "search_copies": found,
-        "search_ratio": found / max(bound, 1),
-        "search_bal": float(layer_balancedness(best, load).mean()),
-        "rounds": [{**h, "ratio": h["copies"] / max(bound, 1)} for h in history],
-    }
+    return rescale_result(
+        args,
+        tries=args.tries,
+        moves=args.moves,
+        lower_bound=bound,
+        eep_copies=eep_copies,
+        eep_ratio=eep_copies / max(bound, 1),
+        eep_bal=float(plan.stats["balancedness_after"]),
+        search_copies=found,
+        search_ratio=found / max(bound, 1),
+        search_bal=float(layer_balancedness(best, load).mean()),
+        rounds=[{**h, "ratio": h["copies"] / max(bound, 1)} for h in history],
+    )
 
 
 def render(result: dict[str, Any], console: Console) -> None:
     table = Table(
-        title=f"{result['rescale']} under {result['load']}: eep against "
-        f"{result['tries']} {result['moves']} replica-count neighbours per layer and round"
+        title=rescale_title(
+            result,
+            f"eep against {result['tries']} {result['moves']} replica-count neighbours per "
+            "layer and round",
+        )
     )
     for col in ("round", "copies", "x bound", "seconds"):
         table.add_column(col, justify="right")

@@ -28,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.headroom import add_rescale_args, rescale_start
+from bench.headroom import add_rescale_args, rescale_result, rescale_start, rescale_title
 from bench.report import progress_bar, report
 from eep_controller.planner import Placement, plan_rescale
 
@@ -98,20 +98,11 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for removed in sets:
             others.append(plan_with(current, load, args.new, removed))
             progress.advance(task)
-    return {
-        "load": args.load,
-        "rescale": f"{args.old}->{args.new} x{args.slots}",
-        "eep": eep,
-        "others": others,
-        "summary": summarise(eep, others),
-    }
+    return rescale_result(args, eep=eep, others=others, summary=summarise(eep, others))
 
 
 def render(result: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"{result['rescale']} under {result['load']}: eep's removed ranks against "
-        "sets one rank away"
-    )
+    table = Table(title=rescale_title(result, "eep's removed ranks against sets one rank away"))
     for col in ("set", "orphans (bound)", "copies", "x bound", "balancedness"):
         table.add_column(col, justify="right")
     rows = [("eep", result["eep"])] + [

@@ -35,7 +35,14 @@ import numpy.typing as npt
 from rich.console import Console
 from rich.table import Table
 
-from bench.headroom import add_rescale_args, check_layer, eep_rescale, rescale_start
+from bench.headroom import (
+    add_rescale_args,
+    check_layer,
+    eep_rescale,
+    rescale_result,
+    rescale_start,
+    rescale_title,
+)
 from bench.planner import LAYERS
 from bench.report import progress_bar, report
 from eep_controller.planner import Placement, plan_rescale, refinement, search
@@ -139,22 +146,19 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 progress.advance(task)
             name = f"eep + {args.restarts} restarts"
             rows.append(_summary(name, best_of(plans, load, origin), load, origin, bound, spent))
-    return {
-        "load": args.load,
-        "rescale": f"{args.old}->{args.new} x{args.slots}",
-        "layers": int(load.shape[0]),
-        "removed_ranks": removed or [],
-        "lower_bound": bound,
-        "perturb": args.perturb,
-        "variants": rows,
-    }
+    return rescale_result(
+        args,
+        layers=int(load.shape[0]),
+        removed_ranks=removed or [],
+        lower_bound=bound,
+        perturb=args.perturb,
+        variants=rows,
+    )
 
 
 def render(result: dict[str, Any], console: Console) -> None:
-    table = Table(
-        title=f"{result['rescale']} under {result['load']}, first {result['layers']} layers: "
-        "eep against a wider or restarted search (one process)"
-    )
+    what = f"eep against a wider or restarted search, first {result['layers']} layers"
+    table = Table(title=rescale_title(result, f"{what} (one process)"))
     for col in ("variant", "copies", "x bound", "balancedness", "layers < 0.99", "seconds"):
         table.add_column(col, justify="right")
     for r in result["variants"]:
