@@ -138,14 +138,14 @@ class Neighbourhoods:
             fixed_holders = int(cur[~free, e].sum())
             for c, y in zip(options, ys, strict=True):
                 zs = []
-                for r in np.flatnonzero(free):
+                for r in np.flatnonzero(free).tolist():
                     z = h.addBinary(obj=0.0 if self.held[r, e] else 1.0)
-                    columns.append(("z", e, c, int(r)))
+                    columns.append(("z", e, c, r))
                     zs.append(z)
                     h.addConstr(z <= y)
                     load_terms[r].append(w[e] / c * z)
                     slot_terms[r].append(z)
-                for r in np.flatnonzero(~free & cur[:, e]):
+                for r in np.flatnonzero(~free & cur[:, e]).tolist():
                     load_terms[r].append(w[e] / c * y)
                 h.addConstr(sum(zs) + fixed_holders * y == c * y)
         for r in range(self.ranks):

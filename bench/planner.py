@@ -41,7 +41,9 @@ EXPERT_BYTES = 44.05e6
 LINK_BANDWIDTH = 25e9  # bytes/s per rank, for the makespan estimate
 PLACEMENTS = [(32, 9), (8, 36)]
 # (name, old ranks, new ranks, slots per rank, failed ranks)
-RESCALES = [
+Rescale = tuple[str, int, int, int, tuple[int, ...]]
+Result = dict[str, Any]
+RESCALES: list[Rescale] = [
     ("32->48", 32, 48, 9, ()),
     ("48->32", 48, 32, 9, ()),
     ("8->12", 8, 12, 36, ()),
@@ -51,7 +53,7 @@ RESCALES = [
 # With --wide: 64-rank shapes, beyond the issue's bench (its time goals name "<= 64 ranks");
 # reported, not checked against the targets.
 WIDE_PLACEMENTS = [(64, 9), (64, 5)]
-WIDE_RESCALES = [
+WIDE_RESCALES: list[Rescale] = [
     ("48->64", 48, 64, 9, ()),
     ("64->48", 64, 48, 9, ()),
     ("64->63 fail", 64, 63, 9, (5,)),
@@ -60,7 +62,7 @@ WIDE_RESCALES = [
 # the issue's cells (eep alone, no baseline: time, balancedness and copies per shape).
 SWEEP_PLACEMENTS = [(64, 5), (64, 6), (64, 7), (64, 8), (64, 12), (64, 16), (48, 6), (48, 12),
                     (32, 12), (32, 16), (16, 20), (8, 40)]  # fmt: skip
-SWEEP_RESCALES = [
+SWEEP_RESCALES: list[Rescale] = [
     ("32->64", 32, 64, 9, ()), ("64->32", 64, 32, 9, ()), ("48->64", 48, 64, 12, ()),
     ("64->48", 64, 48, 12, ()), ("60->64", 60, 64, 5, ()), ("64->60", 64, 60, 5, ()),
     ("56->64", 56, 64, 6, ()), ("64->56", 64, 56, 6, ()), ("24->32", 24, 32, 12, ()),
@@ -94,7 +96,7 @@ def p50_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def bench_placement(load: npt.NDArray[np.float64], ranks: int, slots: int, reps: int) -> dict:
+def bench_placement(load: npt.NDArray[np.float64], ranks: int, slots: int, reps: int) -> Result:
     t_eep, placed = p50_ms(lambda: plan_placement(load, ranks, slots), reps)
     with planning_alone():
         t_one, alone = p50_ms(lambda: plan_placement(load, ranks, slots), reps)
@@ -112,7 +114,7 @@ def bench_placement(load: npt.NDArray[np.float64], ranks: int, slots: int, reps:
     }
 
 
-def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict:
+def bench_rescale(load: npt.NDArray[np.float64], case: Rescale, reps: int) -> Result:
     name, old, new, slots, failed = case
     current = plan_placement(load, old, slots)
     t_eep, plan = p50_ms(lambda: plan_rescale(current, load, new, failed_ranks=failed), reps)
@@ -155,7 +157,7 @@ def bench_rescale(load: npt.NDArray[np.float64], case: tuple, reps: int) -> dict
     }
 
 
-def run(quick: bool, wide: bool = False) -> dict:
+def run(quick: bool, wide: bool = False) -> Result:
     loads = [("zipf", 1.0), ("zipf", 1.5)] if quick else [
         ("zipf", 0.5), ("zipf", 1.0), ("zipf", 1.2), ("zipf", 1.5),
         ("lognormal", 0.5), ("lognormal", 1.0), ("mix", 1.3),
@@ -182,7 +184,7 @@ def run(quick: bool, wide: bool = False) -> dict:
     return out
 
 
-def sweep(loads: list[tuple[str, float]], reps: int) -> dict:
+def sweep(loads: list[tuple[str, float]], reps: int) -> Result:
     """eep alone over SWEEP_PLACEMENTS and SWEEP_RESCALES: p50 time (with the planner
     workers), balancedness, and for rescales copies against the lower bound."""
     wait_for_workers()
@@ -211,7 +213,7 @@ def sweep(loads: list[tuple[str, float]], reps: int) -> dict:
     return out
 
 
-def render_sweep(result: dict) -> None:
+def render_sweep(result: Result) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -245,7 +247,7 @@ def render_sweep(result: dict) -> None:
 TARGET_LOADS = ("zipf 0.5", "zipf 1.0", "zipf 1.2", "zipf 1.5", "lognormal 0.5", "lognormal 1.0")
 
 
-def check_targets(result: dict) -> dict:
+def check_targets(result: Result) -> Result:
     """The planner issue's targets, each checked against this run: which hold, which not."""
     checks: list[tuple[str, bool]] = []
     for r in result["placement"]:
@@ -273,7 +275,7 @@ def check_targets(result: dict) -> dict:
     }
 
 
-def render(result: dict) -> None:
+def render(result: Result) -> None:
     from rich.console import Console
     from rich.table import Table
 
