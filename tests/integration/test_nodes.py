@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -59,8 +60,8 @@ def test_killed_agent_disappears_within_its_lease_ttl(
 
 
 def test_eepctl_lists_nodes_and_manages_deployments(
-    controller: Proc, etcd: str, prefix: str, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    controller: Proc, etcd: str, prefix: str, tmp_path: Path
+) -> None:
     agent = start_agent(etcd, prefix, "node-d")
     try:
         ctl = [str(BIN / "eepctl"), "--server", str(controller.url)]

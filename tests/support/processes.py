@@ -9,13 +9,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 BIN = Path(sys.executable).parent
 READY = re.compile(r"ready at (http://\S+)")
+T = TypeVar("T")
 
 
 @dataclass
@@ -159,10 +162,15 @@ def start_agent(
     return proc
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> T:
     """Poll ``predicate`` until it returns a truthy value; raise after ``timeout``."""
     deadline = time.monotonic() + timeout
-    last = None
+    last: T | Exception | None = None
     while time.monotonic() < deadline:
         try:
             last = predicate()

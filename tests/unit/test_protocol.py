@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_scale_request_takes_plain_json_numbers_and_flags() -> None:
     [("min_dp", True), ("max_dp", "8"), ("slots_per_rank", 4.0), ("tp", False)],
 )
 def test_deployment_spec_does_not_coerce_numbers(field: str, value: object) -> None:
-    spec = {
+    spec: dict[str, Any] = {
         "name": "ds",
         "model": {"num_moe_layers": 2, "num_experts": 16, "expert_bytes": 1024},
         "slots_per_rank": 4,
@@ -171,7 +172,8 @@ def test_load_window_is_usable_only_when_it_can_be_planned_on() -> None:
         )
 
     good = np.arange(8, dtype=np.float64).reshape(2, 4)
-    assert np.array_equal(window(good).usable(2, 4), good)
+    usable = window(good).usable(2, 4)
+    assert usable is not None and np.array_equal(usable, good)
     assert window(good).usable(2) is not None  # any width
     assert window(good).usable(3, 4) is None and window(good).usable(2, 5) is None
     for bad in (good * np.nan, -good, np.zeros((2, 4)), np.full((2, 4), np.inf)):

@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from eep_controller.protocol import (
 from eep_controller.store import EtcdConnection, EtcdStore, KeySpace
 from tests.support.processes import BIN, Proc, start
 
-PhaseHook = Callable[[OpState, Operation], Awaitable[None]]
+PhaseHook = Callable[[OpState, Operation], Coroutine[Any, Any, None]]
 
 
 def spec_for(
@@ -168,7 +168,7 @@ def simple_plan(
         rank_map=rank_map,
         placement=EncodedArray.encode(placement),
         transfers=EncodedArray.encode(transfers),
-        transfer_world=world,  # type: ignore[arg-type]
+        transfer_world=world,
         stats=stats,
     )
 

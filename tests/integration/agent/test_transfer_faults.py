@@ -140,11 +140,12 @@ async def test_a_peer_killed_mid_transfer_fails_the_others_within_the_deadline_a
     acks = outcome.acks[OpState.TRANSFERRING]
     assert len(acks) == 6, acks  # every participant answered: nobody hung
     failed = outcome.failed(OpState.TRANSFERRING)
+    assert outcome.op.plan is not None
     joiner = next(
         i
         for i, p in enumerate(outcome.op.plan.participants)
         if (p.node_id, p.device_index) == ("a", 2)
-    )  # type: ignore[union-attr]
+    )
     assert joiner in failed and "exited" in (failed[joiner].reason or "")
     assert len(failed) >= 2  # its peers failed too, with a reason
     # peers waiting on the dead rank, or on a rank that failed because of it, fail at once:

@@ -261,16 +261,16 @@ def test_a_swap_moves_both_experts_into_fresh_buffers_with_verified_checksums(
         assert report.error is None, report
         assert report.tensors_verified == 3 and report.checksum_failures == 0
         expert = 1 if r == 0 else 0
-        got = stores[r].staged.weights(0, 1)  # type: ignore[union-attr]
+        staged = stores[r].staged
+        assert staged is not None
+        got = staged.weights(0, 1)
         assert got is not None
         for i, t in enumerate(got.tensors()):
             np.testing.assert_array_equal(t.numpy(), reader.expert(0, expert)[i])
         # the received tensors are new buffers, not the sender's (same process) or any slot's
-        assert all(
-            t.data_ptr() != u.data_ptr()
-            for t in got.tensors()
-            for u in stores[1 - r].active.weights(0, 0).tensors()
-        )  # type: ignore[union-attr]
+        sent = stores[1 - r].active.weights(0, 0)
+        assert sent is not None
+        assert all(t.data_ptr() != u.data_ptr() for t in got.tensors() for u in sent.tensors())
 
 
 def test_a_tensor_corrupted_after_its_checksum_is_caught_and_not_staged(checkpoint: Path) -> None:

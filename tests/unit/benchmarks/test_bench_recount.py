@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bench import recount
+from bench.headroom import check_layer
 from eep_controller.planner import plan_placement, plan_rescale
 from eep_controller.planner.packing import count_replicas
 from eep_controller.planner.placement import layer_balancedness
@@ -93,7 +94,7 @@ def test_the_search_never_keeps_a_plan_with_more_copies_or_below_the_goal(
     assert best.shape == start.shape
     assert count_replicas(best, load.shape[1]).min() >= 1
     for layer in best:
-        recount.check_layer(layer, load.shape[1])
+        check_layer(layer, load.shape[1])
 
 
 def test_the_search_is_deterministic_for_a_seed() -> None:

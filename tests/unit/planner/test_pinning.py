@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import repeat_on_rank_zero
 
 from eep_controller.planner import apply_transfers, plan_placement, plan_rescale
 from eep_controller.planner.pinning import pin_staying_experts
+from tests.unit.planner.planner_checks import repeat_on_rank_zero
 
 
 @settings(max_examples=60, deadline=None)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import distinct_per_rank, zipf_load
 
 from eep_controller.planner import balancedness, placement, plan_placement
 from eep_controller.planner.packing import (
@@ -18,6 +17,7 @@ from eep_controller.planner.packing import (
 )
 from eep_controller.planner.placement import _cannot_reach, layer_balancedness, pack_scratch
 from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
+from tests.unit.planner.planner_checks import distinct_per_rank, zipf_load
 
 
 def _count_packed_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -25,9 +25,9 @@ def _count_packed_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     packed: list[int] = []
     real_pack = placement.pack_scratch
 
-    def counting_pack(weight: np.ndarray, *args: int) -> np.ndarray:
+    def counting_pack(weight: np.ndarray, counts: np.ndarray, ranks: int, slots: int) -> np.ndarray:
         packed.append(weight.shape[0])
-        return real_pack(weight, *args)
+        return real_pack(weight, counts, ranks, slots)
 
     monkeypatch.setattr(placement, "pack_scratch", counting_pack)
     return packed

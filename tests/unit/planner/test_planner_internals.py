@@ -3,10 +3,11 @@ options, the fallback's relabelling. (Placement from scratch: `test_placement_in
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import distinct_per_rank, skewed_shrink, zipf_load
 
 from eep_controller.planner import choose_removed_ranks, plan_placement
 from eep_controller.planner.packing import (
@@ -19,6 +20,7 @@ from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import filler_counts
 from eep_controller.planner.search import _prefer_kept
 from eep_controller.planner.starts import _target_counts, spread_plan, sticky_hot_plan
+from tests.unit.planner.planner_checks import distinct_per_rank, skewed_shrink, zipf_load
 
 # a shrink: the survivors of a placement planned for `ranks + removed` ranks (see `_shrink`)
 SHRINKS = {
@@ -106,7 +108,7 @@ def _partner_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_refine_swaps_with_a_partner_slot_for_one_copy() -> None:
     phy, weight, origin = _partner_case()
-    one_step = {"penalty": 0.005, "stop_at": 1.0, "max_steps": 1, "light_ranks": 3}
+    one_step: dict[str, Any] = {"penalty": 0.005, "stop_at": 1.0, "max_steps": 1, "light_ranks": 3}
     alone = refine(phy, weight, origin, **one_step)
     # without partners: A for the 3.55 or B for the 1.55 of rank 3, the third lightest
     # (peak 10 -> 7.55), adds 2 copies: 1.225 per copy
@@ -207,7 +209,7 @@ def test_prefer_kept_trades_new_copies_for_surviving_replicas(
     assert out.min() >= 1 and out.max() <= ranks
 
     def writes(c: np.ndarray) -> np.ndarray:
-        return np.maximum(c - kept, 0).sum(axis=1)
+        return np.asarray(np.maximum(c - kept, 0).sum(axis=1))
 
     moves = np.abs(out - counts).sum(axis=1) // 2
     # every move keeps a surviving replica instead of writing a new one
@@ -244,7 +246,8 @@ def test_sticky_hot_frees_only_duplicates_and_places_every_orphan(
         assert out is None
         return
     assert out is not None
-    assert np.array_equal(out, sticky_hot_plan(survivors, load, total))  # deterministic
+    again = sticky_hot_plan(survivors, load, total)
+    assert again is not None and np.array_equal(out, again)  # deterministic
     # a valid full placement: every expert placed, none twice on a rank
     counts = count_replicas(out, experts)
     assert counts.min() >= 1 and counts.max() <= ranks

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import assert_valid_placement, zipf_load
 
 from bench import eplb_baseline
 from eep_controller.planner import Placement, balancedness, plan_placement
+from tests.unit.planner.planner_checks import assert_valid_placement, zipf_load
 
 
 @st.composite

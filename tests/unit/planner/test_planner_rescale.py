@@ -6,13 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import (
-    assert_valid_placement,
-    assert_valid_plan,
-    repeat_on_rank_zero,
-    skewed_shrink,
-    zipf_load,
-)
 
 from eep_controller.planner import (
     Placement,
@@ -25,6 +18,13 @@ from eep_controller.planner import (
 )
 from eep_controller.planner.fallback import fallback
 from eep_controller.planner.placement import layer_balancedness
+from tests.unit.planner.planner_checks import (
+    assert_valid_placement,
+    assert_valid_plan,
+    repeat_on_rank_zero,
+    skewed_shrink,
+    zipf_load,
+)
 
 
 @st.composite

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planner_checks import zipf_load
 
 from eep_controller.planner import (
     RescalePlan,
@@ -19,6 +18,7 @@ from eep_controller.planner import (
     transfer_tag,
 )
 from eep_controller.planner.rescale import Transfer
+from tests.unit.planner.planner_checks import zipf_load
 
 
 def _plan(old: int, new: int, failed: tuple[int, ...] = (), seed: int = 0) -> RescalePlan:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
-from planner_checks import zipf_load
 
 from eep_controller.planner import (
     Placement,
@@ -15,6 +15,7 @@ from eep_controller.planner import (
     plan_placement,
     plan_rescale,
 )
+from tests.unit.planner.planner_checks import zipf_load
 
 
 @pytest.mark.parametrize(
@@ -76,13 +77,15 @@ def test_new_size_that_cannot_hold_every_expert_is_rejected(current: Placement) 
 @pytest.mark.parametrize("field", ["removed_ranks", "failed_ranks"])
 def test_out_of_range_rank_is_rejected(current: Placement, field: str) -> None:
     with pytest.raises(ValueError, match=f"{field}.*out of range"):
-        plan_rescale(current, zipf_load(2, 8, 1.0), 3, **{field: [4]})
+        ranks: dict[str, Any] = {field: [4]}
+        plan_rescale(current, zipf_load(2, 8, 1.0), 3, **ranks)
 
 
 @pytest.mark.parametrize("field", ["removed_ranks", "failed_ranks"])
 def test_duplicated_rank_is_rejected(current: Placement, field: str) -> None:
     with pytest.raises(ValueError, match=f"{field}.*more than once"):
-        plan_rescale(current, zipf_load(2, 8, 1.0), 3, **{field: [1, 1]})
+        ranks: dict[str, Any] = {field: [1, 1]}
+        plan_rescale(current, zipf_load(2, 8, 1.0), 3, **ranks)
 
 
 def test_rank_both_removed_and_failed_is_rejected(current: Placement) -> None:
