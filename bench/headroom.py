@@ -207,10 +207,17 @@ def eep_rescale(
     slots in the new numbering [L, new R, S] (-1 on new ranks)."""
     load, current = rescale_start(args)
     plan = plan_rescale(current, load, args.new)
-    survivors = [r for r in range(args.old) if plan.rank_map[r] >= 0]
-    origin = np.full((load.shape[0], args.new, args.slots), -1, dtype=np.int64)
-    origin[:, : len(survivors)] = current.by_rank()[:, survivors]
-    return load, plan, origin
+    return load, plan, survivor_slots(current, plan)
+
+
+def survivor_slots(current: Placement, plan: RescalePlan) -> npt.NDArray[np.int64]:
+    """The slots `current` leaves on the ranks `plan` keeps, in the new numbering
+    [L, new R, S] (-1 on new ranks)."""
+    layers, new_ranks = current.num_layers, plan.placement.num_ranks
+    survivors = np.flatnonzero(plan.rank_map >= 0)
+    origin = np.full((layers, new_ranks, current.slots_per_rank), -1, dtype=np.int64)
+    origin[:, plan.rank_map[survivors]] = current.by_rank()[:, survivors]
+    return origin
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:

@@ -38,10 +38,10 @@ from rich.table import Table
 from bench.headroom import (
     add_rescale_args,
     check_layer,
-    eep_rescale,
     rescale_result,
     rescale_start,
     rescale_title,
+    survivor_slots,
 )
 from bench.planner import LAYERS
 from bench.report import progress_bar, report
@@ -113,10 +113,11 @@ def _timed(fn: Callable[[], Placement]) -> tuple[IntArray, float]:
 
 
 def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    load, chosen, origin = eep_rescale(args)  # eep picks the removed ranks over every layer
+    load, current = rescale_start(args)
+    chosen = plan_rescale(current, load, args.new)  # eep picks the removed ranks, all layers
     removed = [r for r in range(args.old) if chosen.rank_map[r] < 0] or None
-    _, current = rescale_start(args)
-    load, origin = load[: args.layers], origin[: args.layers]
+    origin = survivor_slots(current, chosen)[: args.layers]
+    load = load[: args.layers]
     current = Placement(current.phy2log[: args.layers], args.slots, num_experts=current.num_experts)
     bound = int(least_copies(origin, load.shape[1]).sum())
 

@@ -1,6 +1,6 @@
 """The agent's side of its worker processes: start, talk over the control pipe, supervise, stop.
 
-Each :class:`WorkerHandle` owns one worker process (``torch.multiprocessing``), the agent end
+Each :class:`WorkerHandle` owns one worker process (see `worker_context`), the agent end
 of its duplex Pipe and one reader thread that matches replies to waiting calls. When the
 process dies, every waiting call fails with :class:`WorkerGone` at once, never after a
 timeout.
@@ -21,9 +21,11 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import multiprocessing
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -38,10 +40,10 @@ FORKSERVER_PRELOAD = ["torch", "eep_agent.runtime.worker"]
 
 
 def worker_context(method: StartMethod) -> Any:
-    """The ``torch.multiprocessing`` context workers are started with."""
-    import torch.multiprocessing as tmp
-
-    ctx = tmp.get_context(method)
+    """The context workers are started with: the standard library's (``torch.multiprocessing``
+    hands out the very same objects, and the worker module imports torch, which registers
+    its tensor reductions); with ``forkserver`` its server preloads FORKSERVER_PRELOAD."""
+    ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     return ctx
@@ -263,12 +265,7 @@ class WorkerPool:
         the time the first worker is wanted. Returns at once (the server imports on its
         own); blocking only for the moment it takes to launch it."""
         if self.method == "forkserver":
-            # the standard library's context: the fork server is one per process whichever
-            # context starts it, and the agent need not import torch for it
-            import multiprocessing
-            from multiprocessing import forkserver
-
-            multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+            worker_context(self.method)  # sets the server's preload
             forkserver.ensure_running()
 
     def get(self, deployment: str, device_index: int) -> WorkerHandle | None:
