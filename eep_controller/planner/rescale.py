@@ -60,6 +60,18 @@ class RescalePlan:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def _repeats(phy: IntArray) -> npt.NDArray[np.bool_]:
+    """Slots [L, R, S] holding an expert that an earlier slot of the same rank holds too
+    (free slots, -1, never count)."""
+    ordered = np.argsort(phy, axis=2, kind="stable")
+    sorted_vals = np.take_along_axis(phy, ordered, axis=2)
+    repeat = np.zeros_like(phy, dtype=bool)
+    repeat[..., 1:] = (sorted_vals[..., 1:] == sorted_vals[..., :-1]) & (sorted_vals[..., 1:] >= 0)
+    out = np.zeros_like(repeat)
+    np.put_along_axis(out, ordered, repeat, axis=2)
+    return out
+
+
 def choose_removed_ranks(
     current: Placement,
     load: npt.ArrayLike | None,
@@ -77,7 +89,6 @@ def choose_removed_ranks(
             f"cannot remove {count} ranks from {current.num_ranks} with {len(failed)} failed"
         )
     phy = current.by_rank()
-    has = holdings(phy, current.num_experts)  # [L, R, E]
     if load is None:
         weight = np.zeros((current.num_layers, current.num_experts))
     else:
@@ -85,25 +96,27 @@ def choose_removed_ranks(
     rank_load = slot_weights(phy, weight, current.replica_counts()).sum(axis=(0, 2))
     gone = np.zeros(current.num_ranks, dtype=bool)
     gone[list(failed)] = True
-    # per (layer, expert): how many live ranks hold it and the sum of their indices, which
-    # for a pair with one live holder is that holder
-    live = has & ~gone[None, :, None]
-    live_count = live.sum(axis=1).ravel()
-    rank_ids = np.arange(current.num_ranks)
-    index_sum = (live * rank_ids[None, :, None]).sum(axis=1).ravel()
-    by_rank = has.transpose(1, 0, 2).reshape(current.num_ranks, -1)
+    # per rank, the (layer, expert) pair of each of its slots, a repeat within the rank
+    # marked by the sentinel pair `pairs` (which no pair of a live holder is)
+    pairs = current.num_layers * current.num_experts
+    layer_base = np.arange(current.num_layers)[:, None, None] * current.num_experts
+    key = np.where(_repeats(phy), pairs, phy + layer_base).transpose(1, 0, 2)
+    key = key.reshape(current.num_ranks, -1)
+    # how many live ranks hold each pair (the sentinel never counts as held alone)
+    live_count = np.bincount(key[~gone].ravel(), minlength=pairs + 1)
+    live_count[pairs] = 0
     chosen: list[int] = []
     for _ in range(count):
-        alone = live_count == 1
-        orphans = np.bincount(index_sum[alone], minlength=current.num_ranks)
-        key = np.where(gone, np.inf, orphans.astype(np.float64))
-        best = np.flatnonzero(key == key.min())
+        # a pair held by one live rank is orphaned by removing that rank
+        orphans = (live_count[key] == 1).sum(axis=1)
+        rank_key = np.where(gone, np.inf, orphans.astype(np.float64))
+        best = np.flatnonzero(rank_key == rank_key.min())
         tied_load = rank_load[best]
         best = best[tied_load == tied_load.min()]
         pick = int(best[-1])
         gone[pick] = True
-        live_count -= by_rank[pick]
-        index_sum -= pick * by_rank[pick]
+        live_count[key[pick]] -= 1
+        live_count[pairs] = 0
         chosen.append(pick)
     return tuple(sorted(chosen))
 
@@ -178,11 +191,11 @@ def _choose_sources(old_has: npt.NDArray[np.bool_], layer: IntArray, expert: Int
     order = order[count[order] > 1]
     chunk = max(1, num_old // 2)
     rank_ids = np.arange(num_old)
+    # rotated tie-breaks, so one chunk does not pile onto one rank
+    ties = ((rank_ids[None, :] - np.arange(chunk)[:, None]) % num_old) / (2.0 * num_old)
     for start in range(0, order.size, chunk):
         idx = order[start : start + chunk]
-        # rotate tie-breaks so one chunk does not pile onto one rank
-        tie = ((rank_ids[None, :] - np.arange(idx.size)[:, None]) % num_old) / (2.0 * num_old)
-        cost = np.where(holders[idx], sent[None, :] + tie, np.inf)
+        cost = np.where(holders[idx], sent[None, :] + ties[: idx.size], np.inf)
         pick = np.argmin(cost, axis=1)
         src[idx] = pick
         sent += np.bincount(pick, minlength=num_old)
@@ -231,13 +244,7 @@ def plan_rescale(
     origin[:, : survivors.size] = old[:, survivors]
     phy = origin.copy()
     # a rank holding one expert twice keeps only the first
-    ordered = np.argsort(phy, axis=2, kind="stable")
-    sorted_vals = np.take_along_axis(phy, ordered, axis=2)
-    repeat = np.zeros_like(phy, dtype=bool)
-    repeat[..., 1:] = (sorted_vals[..., 1:] == sorted_vals[..., :-1]) & (sorted_vals[..., 1:] >= 0)
-    dup = np.zeros_like(repeat)
-    np.put_along_axis(dup, ordered, repeat, axis=2)
-    phy[dup] = -1
+    phy[_repeats(phy)] = -1
 
     phy = by_layers(best_candidate, phy, weight, origin)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eep_controller.planner import choose_removed_ranks, plan_placement
+from eep_controller.planner import Placement, choose_removed_ranks, plan_placement
 from eep_controller.planner.packing import (
     count_replicas,
     holdings,
@@ -20,7 +21,12 @@ from eep_controller.planner.refinement import refine
 from eep_controller.planner.replication import filler_counts
 from eep_controller.planner.search import _prefer_kept
 from eep_controller.planner.starts import _target_counts, spread_plan, sticky_hot_plan
-from tests.unit.planner.planner_checks import distinct_per_rank, skewed_shrink, zipf_load
+from tests.unit.planner.planner_checks import (
+    distinct_per_rank,
+    repeat_on_rank_zero,
+    skewed_shrink,
+    zipf_load,
+)
 
 # a shrink: the survivors of a placement planned for `ranks + removed` ranks (see `_shrink`)
 SHRINKS = {
@@ -175,9 +181,13 @@ def test_refine_partner_and_plain_rows_side_by_side() -> None:
     assert np.isin(both[1, 3], [0, 1]).sum() == 1
 
 
-def test_choose_removed_ranks_matches_a_plain_greedy_on_orphans() -> None:
+@pytest.mark.parametrize("repeat", [False, True])
+def test_choose_removed_ranks_matches_a_plain_greedy_on_orphans(repeat: bool) -> None:
+    """Also when a rank holds an expert twice: that rank is still one holder of it."""
     load = zipf_load(3, 40, 1.0, seed=5)
     current = plan_placement(load, 10, 6)
+    if repeat:
+        current = repeat_on_rank_zero(current)
     has = holdings(current.by_rank(), current.num_experts)
     gone: list[int] = [2]
     for _ in range(3):
@@ -192,6 +202,14 @@ def test_choose_removed_ranks_matches_a_plain_greedy_on_orphans() -> None:
             keys.append((int((live[:, r] & alone).sum()), -r))
         gone.append(-min(keys)[1])
     assert choose_removed_ranks(current, None, 3, failed_ranks=(2,)) == tuple(sorted(gone[1:]))
+
+
+def test_choose_removed_ranks_counts_a_rank_holding_an_expert_twice_once() -> None:
+    """Rank 0 holds expert 0 twice and nobody else holds it: removing rank 0 orphans it, as
+    removing rank 1 orphans expert 1 and rank 2 expert 3. All tie, so the highest index goes;
+    counted twice, expert 0 would look safe and rank 0 would go instead."""
+    current = Placement(np.array([[0, 0, 1, 2, 3, 2]]), 2)
+    assert choose_removed_ranks(current, None, 1) == (2,)
 
 
 @settings(max_examples=60, deadline=None)
