@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import httpx
 import typer
 import yaml
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from eep_controller.cli.output import make_console
@@ -86,7 +86,8 @@ def request(method: str, path: str, **kw: Any) -> Any:
     return resp.json() if resp.content else None
 
 
-def emit(data: Any, output: Output, table: Table | None) -> None:
+def emit(data: Any, output: Output, table: RenderableType | None) -> None:
+    """`data` as JSON, or with table output (the default) `table` when there is one."""
     if output is Output.JSON or table is None:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import typer
+from rich.console import Group, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from eep_controller.cli.ctl import Output, OutputOpt, _fail, app, console, emit, request
 
@@ -199,10 +201,16 @@ def layout(deployment: str, output: Output = OutputOpt) -> None:
     )
     for r in data["ranks"]:
         table.add_row(str(r["rank"]), r["node_id"], str(r["device_index"]))
-    if output is Output.TABLE and data.get("placement"):
+    shown: RenderableType = table
+    if data.get("placement"):
+        # one line under the table (a caption would wrap to the table's narrow width)
         p, b = data["placement"], data["balancedness"]
-        table.caption = (
-            f"{p['num_layers']} layers x {p['num_experts']} experts in {p['physical_slots']} slots; "
-            f"replicas {p['replicas_min']}..{p['replicas_max']}; balancedness {b['value']:.4f} ({b['scored_on']})"
+        shown = Group(
+            table,
+            Text(
+                f"{p['num_layers']} layers x {p['num_experts']} experts in "
+                f"{p['physical_slots']} slots; replicas {p['replicas_min']}..{p['replicas_max']}; "
+                f"balancedness {b['value']:.4f} ({b['scored_on']})"
+            ),
         )
-    emit(data, output, table)
+    emit(data, output, shown)
