@@ -18,7 +18,9 @@ class Metrics:
             registry=r,
         )
         self.is_leader = Gauge("eep_leader", "1 if this replica is the leader", registry=r)
-        self.etcd_up = Gauge("eep_etcd_up", "1 if etcd answered the last check", registry=r)
+        self.etcd_up = Gauge(
+            "eep_etcd_up", "1 if etcd answered this controller's last call", registry=r
+        )
         self.nodes = Gauge("eep_nodes", "Nodes by state", ["state"], registry=r)
         self.deployments = Gauge("eep_deployments", "Deployments known", registry=r)
         self.operations = Counter(

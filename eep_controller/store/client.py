@@ -126,6 +126,9 @@ class EtcdStore:
         self._endpoint_index = 0
         self._client: _Client | None = None
         self._connect_lock = asyncio.Lock()
+        # whether etcd answered the last call (None before the first); a controller keeps
+        # its election lease alive, so it calls every few seconds and this stays current
+        self.reachable: bool | None = None
 
     # ------------------------------------------------------------------ connection
     def _make_client(self, endpoint: str) -> _Client:
@@ -166,12 +169,16 @@ class EtcdStore:
         for _ in range(len(self.conn.endpoints)):
             client = await self.client()
             try:
-                return await asyncio.wait_for(
+                result = await asyncio.wait_for(
                     getattr(client, fn_name)(*args, **kw), self.conn.timeout_s
                 )
             except UNAVAILABLE_ERRORS as exc:
                 last = exc
                 await self._rotate()
+                continue
+            self.reachable = True
+            return result
+        self.reachable = False
         raise StoreUnavailable(f"etcd unreachable at {list(self.conn.endpoints)}: {last}") from last
 
     async def close(self) -> None:

@@ -263,6 +263,8 @@ def test_openapi_and_health_endpoints(controller: Proc) -> None:
     assert "/v1/deployments" in paths and "/v1/nodes/{node_id}" in paths
     assert httpx.get(f"{controller.url}/docs").status_code == 200
     assert httpx.get(f"{controller.url}/healthz").json()["status"] == "ok"
+    # etcd's health shows in the metrics whether or not anything probes /readyz
+    assert "eep_etcd_up 1.0" in httpx.get(f"{controller.url}/metrics").text
     ready = httpx.get(f"{controller.url}/readyz")
     assert ready.status_code == 200 and ready.json()["leader"]
     metrics = httpx.get(f"{controller.url}/metrics").text

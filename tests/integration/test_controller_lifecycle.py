@@ -129,6 +129,7 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
         )
         problem = httpx.get(f"{url}/readyz", timeout=10)
         assert problem.headers["content-type"].startswith("application/problem+json")
+        assert "eep_etcd_up 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
         assert httpx.get(f"{url}/healthz").status_code == 200  # the process is still up
         assert httpx.get(f"{url}/v1/deployments", timeout=15).status_code == 503
         private_etcd.start()
@@ -137,6 +138,7 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
             20,
             what="ready again",
         )
+        assert "eep_etcd_up 1.0" in httpx.get(f"{url}/metrics", timeout=10).text
         assert proc.alive()
         r = httpx.post(
             f"{url}/v1/deployments",

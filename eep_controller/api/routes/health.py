@@ -31,11 +31,9 @@ async def readyz(request: Request) -> dict[str, Any]:
         await ctx.store.ping()
         leader = await ctx.election.leader()
     except StoreUnavailable as exc:
-        ctx.metrics.etcd_up.set(0)
         p = Problem(503, "not-ready", "Not ready", f"etcd is not reachable: {exc}", etcd=False)
         p.headers["Retry-After"] = "1"
         raise p from None
-    ctx.metrics.etcd_up.set(1)
     if leader is None:
         p = Problem(
             503,
@@ -59,6 +57,7 @@ async def readyz(request: Request) -> dict[str, Any]:
 async def metrics(request: Request) -> Response:
     ctx = _ctx(request)
     ctx.metrics.is_leader.set(1 if ctx.election.is_leader else 0)
+    ctx.metrics.etcd_up.set(1 if ctx.store.reachable else 0)
     return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
