@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
@@ -196,7 +197,8 @@ def leader(output: Output = OutputOpt) -> None:
     """Show the controller replica that leads."""
     data = request("GET", "/v1/leader")
     table = Table("REPLICA", "ADDRESS", "SINCE")
-    table.add_row(data["replica_id"], data["address"], str(data["since"]))
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["since"]))
+    table.add_row(data["replica_id"], data["address"], since)
     emit(data, output, table)
 
 

@@ -269,3 +269,19 @@ def test_openapi_and_health_endpoints(controller: Proc) -> None:
     assert ready.status_code == 200 and ready.json()["leader"]
     metrics = httpx.get(f"{controller.url}/metrics").text
     assert "eep_http_requests_total" in metrics and "eep_leader 1.0" in metrics
+
+
+def test_eepctl_leader_shows_when_it_took_the_lead(controller: Proc) -> None:
+    import subprocess
+    import time
+
+    from tests.support.processes import BIN
+
+    ctl = [str(BIN / "eepctl"), "--server", str(controller.url), "--token", ADMIN]
+    out = subprocess.run([*ctl, "leader"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    since = httpx.get(
+        f"{controller.url}/v1/leader", headers={"Authorization": f"Bearer {ADMIN}"}
+    ).json()["since"]
+    # a local date and time, not seconds since the epoch
+    assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) in out.stdout, out.stdout
