@@ -203,7 +203,8 @@ def leader(output: Output = OutputOpt) -> None:
 
 
 def main() -> None:
-    from eep_controller.cli import ops_commands  # noqa: F401  (registers scale/ops/op/cancel/layout)
+    # register their commands: scale, ops, op, cancel, layout; events
+    from eep_controller.cli import events_commands, ops_commands  # noqa: F401
 
     app()
 

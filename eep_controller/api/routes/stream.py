@@ -7,13 +7,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from eep_controller.api.auth import reader
 from eep_controller.protocol import Event
-from eep_controller.store import PrefixWatch, WatchEvent
+from eep_controller.store import PrefixWatch, Resync, WatchEvent
 from eep_controller.tasks import cancel_and_wait
 
 router = APIRouter(tags=["events"], dependencies=[Depends(reader)])
@@ -24,42 +24,62 @@ HEARTBEAT_S = 15.0
 @router.get(
     "/v1/events",
     summary="Live event stream (text/event-stream); each event's id is its seq",
+    description=(
+        "Events as they are written. With `since` (or the `Last-Event-ID` header an "
+        "EventSource sends when it reconnects) the stored events after that seq come "
+        "first, oldest first, so a client that reconnects misses none still kept."
+    ),
     response_class=StreamingResponse,
 )
 async def stream(
     request: Request,
     deployment: Annotated[str | None, Query(max_length=63)] = None,
+    since: Annotated[
+        int | None, Query(ge=0, description="replay stored events after this seq")
+    ] = None,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
 ) -> StreamingResponse:
     store = request.app.state.ctx.store
     prefix = store.keys.events(deployment) if deployment else store.keys.events_root()
-    start = await store.revision()
+    replay_after = since if since is not None else last_event_id
+    # listed before the response starts (etcd down: a 503 problem, not a broken stream), so an
+    # event written once a client has the response is always streamed to it
+    listing = Resync(*await store.snapshot(prefix))
 
     async def frames() -> AsyncIterator[str]:
-        watch = PrefixWatch(store, prefix, resume_from=start)
-        queue: asyncio.Queue[WatchEvent | None] = asyncio.Queue(maxsize=1000)
+        # the watch streams changes after the listing, and lists again after a compaction;
+        # events in a listing are sent only when newer (by etcd revision) than the last one
+        # sent, so nothing is sent twice or skipped
+        watch = PrefixWatch(store, prefix, resume_from=listing.revision)
+        queue: asyncio.Queue[WatchEvent | Resync] = asyncio.Queue(maxsize=1000)
 
         async def pump() -> None:
-            async for ev in watch:
-                if isinstance(ev, WatchEvent) and not ev.deleted:
-                    await queue.put(ev)
+            async for item in watch:
+                await queue.put(item)
 
         task = asyncio.create_task(pump())
         try:
             yield ": eep event stream\n\n"
+            for event in _replayed(listing, None, replay_after):
+                yield _frame(event)
+            sent_revision = listing.revision
             while not await request.is_disconnected():
                 try:
-                    ev = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                    item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                if ev is None or ev.value is None:
+                if isinstance(item, Resync):
+                    for event in _replayed(item, sent_revision, replay_after):
+                        yield _frame(event)
+                    sent_revision = item.revision
                     continue
-                try:
-                    event = Event.model_validate_json(ev.value)
-                except ValidationError:
+                if item.deleted or item.value is None or item.mod_revision <= sent_revision:
                     continue
-                payload = json.dumps(event.model_dump(mode="json"))
-                yield f"id: {event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
+                sent_revision = item.mod_revision
+                live = _parsed(item.value)
+                if live is not None:
+                    yield _frame(live)
         finally:
             watch.close()
             await cancel_and_wait(task)
@@ -67,3 +87,33 @@ async def stream(
     return StreamingResponse(
         frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+def _parsed(raw: bytes) -> Event | None:
+    try:
+        return Event.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def _replayed(listing: Resync, sent_revision: int | None, replay_after: int | None) -> list[Event]:
+    """What a listing adds to the stream, oldest first (event keys sort by seq). The first
+    listing (`sent_revision` None) adds the events after seq `replay_after`, or none without
+    it; a later one (after a compaction) adds those written after `sent_revision`."""
+    out = []
+    for key in sorted(listing.snapshot):
+        raw, revision = listing.snapshot[key]
+        if sent_revision is None and replay_after is None:
+            break
+        if sent_revision is not None and revision <= sent_revision:
+            continue
+        event = _parsed(raw)
+        if event is None or (sent_revision is None and event.seq <= (replay_after or 0)):
+            continue
+        out.append(event)
+    return out
+
+
+def _frame(event: Event) -> str:
+    payload = json.dumps(event.model_dump(mode="json"))
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
