@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,7 +14,7 @@ import yaml
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from eep_controller.cli.output import make_console
+from eep_controller.cli.output import local_time, make_console
 
 app = typer.Typer(help="eepctl: talk to an eep controller.", no_args_is_help=True)
 get_app = typer.Typer(help="Show one resource.", no_args_is_help=True)
@@ -197,8 +196,7 @@ def leader(output: Output = OutputOpt) -> None:
     """Show the controller replica that leads."""
     data = request("GET", "/v1/leader")
     table = Table("REPLICA", "ADDRESS", "SINCE")
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["since"]))
-    table.add_row(data["replica_id"], data["address"], since)
+    table.add_row(data["replica_id"], data["address"], local_time(data["since"]))
     emit(data, output, table)
 
 

@@ -23,18 +23,15 @@ from eep_controller.cli.ctl import (
     opts,
     request,
 )
+from eep_controller.cli.output import local_time
 
 # Pause before reconnecting a stream that broke (a controller restart, a failover).
 RECONNECT_S = 1.0
 
 
-def _when(seq_time: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seq_time))
-
-
 def _line(event: dict[str, Any]) -> str:
     op = event.get("op_id") or "-"
-    return f"{_when(event['time'])}  {event['type']:<22} {op:<24} {event['message']}"
+    return f"{local_time(event['time'])}  {event['type']:<22} {op:<24} {event['message']}"
 
 
 def _show(event: dict[str, Any], output: Output) -> None:
@@ -59,9 +56,10 @@ def stream_events(deployment: str, since: int) -> Iterator[dict[str, Any]]:
             timeout = httpx.Timeout(opts.timeout, read=None)
             params: dict[str, str | int] = {"deployment": deployment, "since": since}
             with httpx.stream("GET", url, params=params, headers=headers, timeout=timeout) as r:
-                if r.status_code >= 400:
+                if 400 <= r.status_code < 500:
                     r.read()
-                    _fail(f"{r.status_code} {r.text}")
+                    _fail(f"{r.status_code} {r.text}")  # a retry would get the same answer
+                r.raise_for_status()  # a 5xx (etcd unreachable there) is retried below
                 if warned:
                     err_console.print("event stream back")
                     warned = False
@@ -99,7 +97,9 @@ def events(
             return
         table = Table("TIME", "TYPE", "OP", "MESSAGE", title=f"{deployment} events")
         for e in items:
-            table.add_row(_when(e["time"]), e["type"], e.get("op_id") or "-", escape(e["message"]))
+            table.add_row(
+                local_time(e["time"]), e["type"], e.get("op_id") or "-", escape(e["message"])
+            )
         console.print(table)
         return
     for e in items:

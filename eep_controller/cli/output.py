@@ -1,6 +1,8 @@
-"""Rich consoles for the command-line tools."""
+"""Rich consoles for the command-line tools, and how they show a time."""
 
 from __future__ import annotations
+
+import time
 
 from rich.console import Console
 
@@ -13,3 +15,8 @@ def make_console(*, stderr: bool = False) -> Console:
     """A console that keeps a terminal's own width and gives a pipe PIPE_WIDTH columns."""
     console = Console(stderr=stderr)
     return console if console.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+def local_time(epoch_s: float) -> str:
+    """A point in time as a local date and time, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_s))

@@ -100,11 +100,11 @@ def _replayed(listing: Resync, sent_revision: int | None, replay_after: int | No
     """What a listing adds to the stream, oldest first (event keys sort by seq). The first
     listing (`sent_revision` None) adds the events after seq `replay_after`, or none without
     it; a later one (after a compaction) adds those written after `sent_revision`."""
+    if sent_revision is None and replay_after is None:
+        return []
     out = []
     for key in sorted(listing.snapshot):
         raw, revision = listing.snapshot[key]
-        if sent_revision is None and replay_after is None:
-            break
         if sent_revision is not None and revision <= sent_revision:
             continue
         event = _parsed(raw)
