@@ -11,8 +11,9 @@ from typing import Any, NoReturn
 import httpx
 import typer
 import yaml
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from eep_controller.cli.output import local_time, make_console
 
@@ -129,23 +130,27 @@ def _deployment_row(d: dict[str, Any]) -> list[str]:
 _DEPLOYMENT_COLS = ("NAME", "STATUS", "DP", "DP RANGE", "EP", "GEN", "ACTUATOR", "ACTIVE OP")
 
 
+def _deployments_shown(items: list[dict[str, Any]]) -> RenderableType:
+    """The deployments as a table, with the note of each that has one (why it waits) below."""
+    table = Table(*_DEPLOYMENT_COLS)
+    for d in items:
+        table.add_row(*_deployment_row(d))
+    notes = [Text(f"{d['name']}: {d['note']}") for d in items if d.get("note")]
+    return Group(table, *notes) if notes else table
+
+
 @app.command()
 def deployments(output: Output = OutputOpt) -> None:
     """List deployments."""
     data = request("GET", "/v1/deployments")
-    table = Table(*_DEPLOYMENT_COLS)
-    for d in data["items"]:
-        table.add_row(*_deployment_row(d))
-    emit(data, output, table)
+    emit(data, output, _deployments_shown(data["items"]))
 
 
 @get_app.command("deployment")
 def get_deployment(name: str, output: Output = OutputOpt) -> None:
     """Show one deployment."""
     data = request("GET", f"/v1/deployments/{name}")
-    table = Table(*_DEPLOYMENT_COLS)
-    table.add_row(*_deployment_row(data))
-    emit(data, output, table)
+    emit(data, output, _deployments_shown([data]))
 
 
 @get_app.command("node")
@@ -175,9 +180,7 @@ def create_deployment(
     if not isinstance(spec, dict):
         _fail(f"{file} must hold a mapping (the deployment spec)")
     data = request("POST", "/v1/deployments", json=spec)
-    table = Table(*_DEPLOYMENT_COLS)
-    table.add_row(*_deployment_row(data))
-    emit(data, output, table)
+    emit(data, output, _deployments_shown([data]))
 
 
 @app.command("delete")

@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from eep_controller.errors import ActiveOperation, Conflict, Invalid, NotFound
-from eep_controller.protocol import ActuatorKind, DeploymentSpec, Layout
+from eep_controller.operations.events import list_events
+from eep_controller.protocol import ActuatorKind, DeploymentSpec, Layout, NodeInfo
 from eep_controller.store import EtcdStore
 
 
@@ -29,14 +30,25 @@ class DeploymentView(BaseModel):
     ep_size: int
     ranks: int
     active_operation: str | None
+    # scaling: an operation holds the lock; pending: no rank yet; degraded: some rank is on a
+    # node whose agent lease is gone (a recover operation follows); serving: otherwise
     status: str
+    # why a pending or degraded deployment is not moving on, when its newest event says so
+    # (a bring-up or recover waiting for devices, or unable to start)
+    note: str | None = None
 
 
-def _status(layout: Layout | None, lock: LockRecord | None) -> str:
+# Events that say why a deployment waits (see `DeploymentView.note`).
+NOTE_EVENTS = ("deployment.waiting", "deployment.blocked")
+
+
+def _status(layout: Layout | None, lock: LockRecord | None, live: frozenset[str]) -> str:
     if lock is not None:
         return "scaling"
     if layout is None or not layout.ranks:
         return "pending"
+    if any(rank.node_id not in live for rank in layout.ranks):
+        return "degraded"
     return "serving"
 
 
@@ -64,7 +76,7 @@ async def create_deployment(store: EtcdStore, spec: DeploymentSpec) -> Deploymen
     store.put_op(txn, keys.layout(spec.name), layout)
     if not await store.commit(txn):
         raise Conflict(f"a deployment named {spec.name!r} already exists", deployment=spec.name)
-    return _view(spec, layout, None)
+    return _view(spec, layout, None, frozenset())
 
 
 async def get_lock(store: EtcdStore, name: str) -> tuple[LockRecord, int] | None:
@@ -72,17 +84,34 @@ async def get_lock(store: EtcdStore, name: str) -> tuple[LockRecord, int] | None
     return None if got is None else (got.value, got.mod_revision)
 
 
-async def deployment_view(store: EtcdStore, name: str) -> DeploymentView:
+async def live_nodes(store: EtcdStore) -> frozenset[str]:
+    """Ids of the nodes whose agent holds its lease."""
+    return frozenset(n.value.node_id for n in await store.list(store.keys.nodes(), NodeInfo))
+
+
+async def deployment_view(
+    store: EtcdStore, name: str, live: frozenset[str] | None = None
+) -> DeploymentView:
+    """`live`: the live node ids when the caller has them already."""
     keys = store.keys
     spec = await store.get(keys.spec(name), DeploymentSpec)
     if spec is None:
         raise NotFound(f"no deployment named {name!r}", resource="deployment")
     layout = await store.get(keys.layout(name), Layout)
     lock = await store.get(keys.lock(name), LockRecord)
-    return _view(spec.value, layout.value if layout else None, lock.value if lock else None)
+    if live is None:
+        live = await live_nodes(store)
+    view = _view(spec.value, layout.value if layout else None, lock.value if lock else None, live)
+    if view.status in ("pending", "degraded"):
+        newest = await list_events(store, name, limit=1)
+        if newest and newest[0].type in NOTE_EVENTS:
+            view.note = newest[0].message
+    return view
 
 
-def _view(spec: DeploymentSpec, layout: Layout | None, lock: LockRecord | None) -> DeploymentView:
+def _view(
+    spec: DeploymentSpec, layout: Layout | None, lock: LockRecord | None, live: frozenset[str]
+) -> DeploymentView:
     dp = layout.dp_size if layout else 0
     return DeploymentView(
         name=spec.name,
@@ -92,7 +121,7 @@ def _view(spec: DeploymentSpec, layout: Layout | None, lock: LockRecord | None) 
         ep_size=spec.ep_size(dp),
         ranks=len(layout.ranks) if layout else 0,
         active_operation=lock.op_id if lock else None,
-        status=_status(layout, lock),
+        status=_status(layout, lock, live),
     )
 
 
@@ -103,10 +132,11 @@ async def list_deployment_views(store: EtcdStore) -> list[DeploymentView]:
         for k in await store.list_keys(keys.deployments())
         if k.endswith("/spec")
     ]
+    live = await live_nodes(store)
     views: list[DeploymentView] = []
     for name in names:
         try:
-            views.append(await deployment_view(store, name))
+            views.append(await deployment_view(store, name, live))
         except NotFound:
             continue  # deleted between the list and the read
     return views

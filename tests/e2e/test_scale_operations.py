@@ -187,6 +187,9 @@ def test_agent_killed_during_transferring_aborts_then_recovers(cluster: Cluster)
     assert placement["experts_without_replica"] == 0
     result = cluster.probe(num_tokens=32, seed=5)
     assert result.ok and result.generation == layout.generation, result
+    with cluster.api() as api:
+        healed = api.get("/v1/deployments/moe").json()
+    assert healed["status"] == "serving" and healed["note"] is None, healed
 
 
 def test_each_of_several_node_losses_in_a_row_is_recovered_promptly(cluster: Cluster) -> None:
@@ -283,6 +286,10 @@ def test_every_serving_node_lost_waits_for_devices_then_reloads_from_the_checkpo
         what="the recover to wait for devices",
     )
     assert "lost" in waiting[0].message, waiting[0]
+    with cluster.api() as api:
+        view = api.get("/v1/deployments/moe").json()
+    # the deployment says it is not whole and why it does not move on
+    assert view["status"] == "degraded" and view["note"] == waiting[-1].message, view
     cluster.start_agent("c")
 
     recovered = wait_for(
@@ -300,3 +307,6 @@ def test_every_serving_node_lost_waits_for_devices_then_reloads_from_the_checkpo
     assert placement["experts_without_replica"] == 0
     result = cluster.probe(num_tokens=32, seed=9)
     assert result.ok and result.generation == layout.generation, result
+    with cluster.api() as api:
+        whole = api.get("/v1/deployments/moe").json()
+    assert whole["status"] == "serving" and whole["note"] is None, whole

@@ -104,6 +104,24 @@ def test_eepctl_lists_nodes_and_manages_deployments(
             check=True,
         )
         assert json.loads(one.stdout)["spec"]["max_dp"] == 8
+
+        def note() -> str | None:
+            got = subprocess.run(
+                [*ctl, "get", "deployment", "demo", "-o", "json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            return json.loads(got.stdout)["note"]  # type: ignore[no-any-return]
+
+        # why it is pending: the newest event, from the bring-up that waits for devices
+        waits = wait_for(note, 20, what="the bring-up's note")
+        assert "needs 4 free healthy devices" in waits, waits
+        shown = subprocess.run(
+            [*ctl, "get", "deployment", "demo"], capture_output=True, text=True, timeout=60
+        ).stdout
+        assert f"demo: {waits}" in shown, shown
         again = subprocess.run(
             [*ctl, "create", "deployment", "-f", str(spec)],
             capture_output=True,
