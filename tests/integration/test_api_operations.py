@@ -449,6 +449,29 @@ def test_eepctl_events_follow_rides_out_a_controller_restart(
         replica.stop()
 
 
+def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
+    """`eepctl scale --wait && next-step` must not go on after an aborted operation."""
+    from tests.support.processes import BIN, start
+
+    _cancel_active(api)
+    waiting = start(
+        "eepctl-scale-wait",
+        [str(BIN / "eepctl"), "--server", str(env[0].url), "scale", "ds", "--dp", "5", "--wait"],
+    )
+    try:
+        active = wait_for(
+            lambda: api.get("/v1/deployments/ds").json()["active_operation"], 20, what="the op"
+        )
+        assert api.post(f"/v1/operations/{active}/cancel").status_code == 202
+        assert waiting.popen.wait(30) == 1, waiting.output()
+        assert f"operation {active} ended ABORTED" in waiting.output(), waiting.output()
+    finally:
+        waiting.stop()
+        _cancel_active(api)
+
+
 def test_metrics_count_operations(api: httpx.Client) -> None:
     wait_for(
         lambda: (
