@@ -18,6 +18,7 @@ from platformdirs import user_state_dir
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -157,7 +158,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, _GroupEnv(settings_cls), _YamlSource(settings_cls))
 
     def masked(self) -> dict[str, Any]:
         """The effective config as plain data, secrets shown as ``***``."""
@@ -167,6 +168,15 @@ class Settings(BaseSettings):
         roles = self.auth.token_roles()
         data["auth"]["tokens"] = ",".join(f"***:{r.value}" for r in roles.values())
         return data
+
+
+class _GroupEnv(EnvSettingsSource):
+    """``EEP_<GROUP>_<FIELD>`` variables only. A bare ``EEP_<GROUP>`` is no setting: eepctl's
+    ``EEP_SERVER`` (the controller's URL) is often set in the same shell."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        _, key, is_complex = super().get_field_value(field, field_name)
+        return None, key, is_complex
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -183,6 +193,10 @@ class _YamlSource(PydanticBaseSettingsSource):
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping")
+        unknown = sorted(str(k) for k in data if k not in self.settings_cls.model_fields)
+        if unknown:
+            known = ", ".join(self.settings_cls.model_fields)
+            raise ValueError(f"config file {path}: unknown section(s) {unknown}; known: {known}")
         return data
 
 

@@ -6,8 +6,11 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import NoReturn
 
 import typer
+import yaml
+from pydantic import ValidationError
 
 from eep_controller.config import Settings, load_settings
 
@@ -29,7 +32,20 @@ def _settings(
     data_dir: Path | None,
     insecure: bool,
 ) -> Settings:
-    settings = load_settings(str(config) if config else None)
+    """The effective settings; a bad value or an unreadable config file exits with code 2 and
+    one message naming the problem (no traceback)."""
+    try:
+        settings = load_settings(str(config) if config else None)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']} (got {e['input']!r})"
+            for e in exc.errors()
+        )
+        _config_error(
+            f"invalid configuration: {problems} (from the EEP_* environment or the config file)"
+        )
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        _config_error(f"cannot read the configuration: {exc}")
     if etcd is not None:
         settings.etcd.endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     if host is not None:
@@ -41,6 +57,11 @@ def _settings(
     if insecure:
         settings.server.insecure = True
     return settings
+
+
+def _config_error(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file", envvar="EEP_CONFIG")
