@@ -129,11 +129,6 @@ def scale(
     final = watch_operation(data["id"])
     emit(final, output, _op_table([final]))
     if final["state"] != "SUCCEEDED":
-        # a script's `eepctl scale --wait && ...` must not go on after an aborted operation
-        _fail(
-            f"operation {final['id']} ended {final['state']}: {final.get('error') or 'no error given'}"
-        )
-    if final["state"] != "SUCCEEDED":
         _fail(f"operation {final['id']} {final['state']}: {final.get('error')}")
 
 

@@ -466,7 +466,7 @@ def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
         )
         assert api.post(f"/v1/operations/{active}/cancel").status_code == 202
         assert waiting.popen.wait(30) == 1, waiting.output()
-        assert f"operation {active} ended ABORTED" in waiting.output(), waiting.output()
+        assert f"operation {active} ABORTED" in waiting.output(), waiting.output()
     finally:
         waiting.stop()
         _cancel_active(api)
