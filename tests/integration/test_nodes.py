@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -96,16 +97,8 @@ def test_eepctl_lists_nodes_and_manages_deployments(
         # piped output is not folded to 80 columns: each deployment is one whole line
         row = next(line for line in listed.splitlines() if "demo" in line)
         assert all(cell in row for cell in ("pending", "4..8", "native")), listed
-        one = subprocess.run(
-            [*ctl, "get", "deployment", "demo", "-o", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert json.loads(one.stdout)["spec"]["max_dp"] == 8
 
-        def note() -> str | None:
+        def shown_json() -> dict[str, Any]:
             got = subprocess.run(
                 [*ctl, "get", "deployment", "demo", "-o", "json"],
                 capture_output=True,
@@ -113,10 +106,11 @@ def test_eepctl_lists_nodes_and_manages_deployments(
                 timeout=60,
                 check=True,
             )
-            return json.loads(got.stdout)["note"]  # type: ignore[no-any-return]
+            return json.loads(got.stdout)  # type: ignore[no-any-return]
 
+        assert shown_json()["spec"]["max_dp"] == 8
         # why it is pending: the newest event, from the bring-up that waits for devices
-        waits = wait_for(note, 20, what="the bring-up's note")
+        waits = wait_for(lambda: shown_json()["note"], 20, what="the bring-up's note")
         assert "needs 4 free healthy devices" in waits, waits
         shown = subprocess.run(
             [*ctl, "get", "deployment", "demo"], capture_output=True, text=True, timeout=60
