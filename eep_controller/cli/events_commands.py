@@ -19,6 +19,7 @@ from eep_controller.cli.ctl import (
     _fail,
     app,
     console,
+    emit,
     err_console,
     opts,
     request,
@@ -49,11 +50,11 @@ def stream_events(deployment: str, since: int) -> Iterator[dict[str, Any]]:
     if opts.token:
         headers["Authorization"] = f"Bearer {opts.token}"
     url = f"{opts.server}/v1/events"
+    # no read timeout: the controller sends a keep-alive comment every 15 s
+    timeout = httpx.Timeout(opts.timeout, read=None)
     warned = False
     while True:
         try:
-            # no read timeout: the controller sends a keep-alive comment every 15 s
-            timeout = httpx.Timeout(opts.timeout, read=None)
             params: dict[str, str | int] = {"deployment": deployment, "since": since}
             with httpx.stream("GET", url, params=params, headers=headers, timeout=timeout) as r:
                 if 400 <= r.status_code < 500:
@@ -92,15 +93,12 @@ def events(
     data = request("GET", f"/v1/deployments/{deployment}/events", params=params)
     items: list[dict[str, Any]] = list(reversed(data["items"]))
     if not follow:
-        if output is Output.JSON:
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
-            return
         table = Table("TIME", "TYPE", "OP", "MESSAGE", title=f"{deployment} events")
         for e in items:
             table.add_row(
                 local_time(e["time"]), e["type"], e.get("op_id") or "-", escape(e["message"])
             )
-        console.print(table)
+        emit(data, output, table)
         return
     for e in items:
         _show(e, output)

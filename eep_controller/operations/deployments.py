@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from eep_controller.errors import ActiveOperation, Conflict, Invalid, NotFound
-from eep_controller.operations.events import list_events
+from eep_controller.operations.events import newest_event
 from eep_controller.protocol import ActuatorKind, DeploymentSpec, Layout, NodeInfo
 from eep_controller.store import EtcdStore
 
@@ -103,9 +103,9 @@ async def deployment_view(
         live = await live_nodes(store)
     view = _view(spec.value, layout.value if layout else None, lock.value if lock else None, live)
     if view.status in ("pending", "degraded"):
-        newest = await list_events(store, name, limit=1)
-        if newest and newest[0].type in NOTE_EVENTS:
-            view.note = newest[0].message
+        newest = await newest_event(store, name)
+        if newest is not None and newest.type in NOTE_EVENTS:
+            view.note = newest.message
     return view
 
 

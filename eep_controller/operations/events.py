@@ -69,6 +69,15 @@ async def list_events(
     return list(reversed(items))[:limit]
 
 
+async def newest_event(store: EtcdStore, deployment: str) -> Event | None:
+    """The newest stored event of `deployment` (keys sort by seq: only keys are listed)."""
+    keys = await store.list_keys(store.keys.events(deployment))
+    if not keys:
+        return None
+    got = await store.get(keys[-1], Event)
+    return got.value if got else None
+
+
 async def trim_events(store: EtcdStore, deployment: str, keep: int) -> int:
     """Delete the oldest events beyond ``keep``; returns how many went."""
     keys = await store.list_keys(store.keys.events(deployment))
