@@ -3,55 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import dump_sync
-from tests.support.processes import Proc, start_controller, wait_for
-from tests.support.seeding import seed_serving_deployment
-
-
-def spec(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": {"num_moe_layers": 4, "num_experts": 16, "expert_bytes": 1 << 20, "top_k": 2},
-        "slots_per_rank": 8,
-        "min_dp": 2,
-        "max_dp": 8,
-    }
-
-
-@pytest.fixture(scope="module")
-def env(etcd_server: Any) -> Iterator[tuple[Proc, str, str]]:
-    if etcd_server.proc is None:
-        etcd_server.start()
-    prefix = f"/eep-test/{uuid.uuid4().hex[:12]}"
-    seed_serving_deployment(etcd_server.endpoint, prefix, spec("ds"), {"n1": 4, "n2": 3}, dp=4)
-    proc = start_controller(etcd_server.endpoint, prefix)
-    yield proc, etcd_server.endpoint, prefix
-    proc.stop()
-
-
-@pytest.fixture
-def api(env: tuple[Proc, str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=str(env[0].url), timeout=30) as c:
-        yield c
-
-
-def _cancel_active(api: httpx.Client, name: str = "ds") -> None:
-    active = api.get(f"/v1/deployments/{name}").json()["active_operation"]
-    if active:
-        api.post(f"/v1/operations/{active}/cancel")
-        wait_for(
-            lambda: api.get(f"/v1/deployments/{name}").json()["active_operation"] is None,
-            10,
-            what="lock free",
-        )
+from tests.integration.operations.serving import cancel_active
+from tests.support.processes import Proc, wait_for
 
 
 def test_dry_run_previews_the_plan_and_changes_nothing(
@@ -147,7 +107,7 @@ def test_ten_simultaneous_scales_give_one_202_and_nine_409_naming_it(
         if r.status_code == 409:
             assert r.json()["active_operation"] == winner
             assert r.headers["content-type"].startswith("application/problem+json")
-    _cancel_active(api)
+    cancel_active(api)
 
 
 def test_idempotent_replay_returns_the_same_operation(
@@ -162,7 +122,7 @@ def test_idempotent_replay_returns_the_same_operation(
     other = api.post("/v1/deployments/ds/scale", json={"dp_size": 6}, headers=key)
     assert other.status_code == 422
     assert other.json()["operation"] == first.json()["id"]
-    _cancel_active(api)
+    cancel_active(api)
     # after the op ended, a replay still names it (and does not start another)
     replay = api.post(
         "/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "test"}, headers=key
@@ -246,216 +206,13 @@ def test_layout_and_placement(api: httpx.Client) -> None:
     assert len(full["phy2log"]) == 4 and len(full["phy2log"][0]) == 32
 
 
-def test_sse_stream_delivers_events_live(api: httpx.Client, env: tuple[Proc, str, str]) -> None:
-    import json
-    import threading
-
-    url = str(env[0].url)
-    seen: list[dict[str, Any]] = []
-    opened = threading.Event()
-
-    def listen() -> None:
-        with httpx.stream("GET", f"{url}/v1/events", params={"deployment": "ds"}, timeout=30) as r:
-            assert r.headers["content-type"].startswith("text/event-stream")
-            event_type = None
-            for line in r.iter_lines():
-                opened.set()
-                if line.startswith("event: "):
-                    event_type = line[len("event: ") :]
-                elif line.startswith("data: "):
-                    seen.append({"type": event_type, **json.loads(line[len("data: ") :])})
-                    if event_type == "operation.aborted":
-                        return
-
-    t = threading.Thread(target=listen, daemon=True)
-    t.start()
-    assert opened.wait(10)
-    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 5})
-    assert r.status_code == 202
-    api.post(f"/v1/operations/{r.json()['id']}/cancel")
-    t.join(20)
-    types = [e["type"] for e in seen]
-    assert types[0] == "operation.created" and "operation.aborted" in types
-    assert all(e["op_id"] == r.json()["id"] for e in seen)
-
-
-def _sse_events(
-    url: str,
-    until: int,
-    *,
-    headers: dict[str, str] | None = None,
-    got: threading.Event | None = None,
-    **params: Any,
-) -> list[dict[str, Any]]:
-    """The events of one /v1/events stream (with `params`), read until `until` arrived or
-    20 s passed; each with its frame's id as `frame_id`. `got` is set once `until` - 1
-    arrived."""
-    import json
-    import time
-
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 20
-    with httpx.stream("GET", f"{url}/v1/events", params=params, headers=headers, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        frame_id = None
-        for line in r.iter_lines():
-            if line.startswith("id: "):
-                frame_id = int(line[len("id: ") :])
-            elif line.startswith("data: "):
-                seen.append({"frame_id": frame_id, **json.loads(line[len("data: ") :])})
-                if got is not None and len(seen) >= until - 1:
-                    got.set()
-            # checked on every line: keep-alive comments come every 15 s without events
-            if len(seen) >= until or time.monotonic() > deadline:
-                break
-    return seen
-
-
-def test_sse_stream_replays_the_events_after_since_or_last_event_id(
-    api: httpx.Client, env: tuple[Proc, str, str]
-) -> None:
-    """A client that reconnects (`since`, or the Last-Event-ID header an EventSource sends)
-    first gets the stored events after that seq, oldest first, then live ones."""
-    url = str(env[0].url)
-    _cancel_active(api)
-    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "replay"})
-    assert r.status_code == 202, r.text
-    _cancel_active(api)
-    stored = api.get("/v1/deployments/ds/events", params={"limit": 1000}).json()["items"]
-    stored.reverse()  # oldest first
-    mine = [e for e in stored if e["op_id"] == r.json()["id"]]
-    assert len(mine) >= 2
-    since = mine[0]["seq"]
-    after = [e["seq"] for e in stored if e["seq"] > since]
-    for kwargs in ({"since": since}, {"headers": {"Last-Event-ID": str(since)}}):
-        got = _sse_events(url, len(after), deployment="ds", **kwargs)
-        assert [e["seq"] for e in got] == after
-        assert [e["frame_id"] for e in got] == after  # the id a client resumes from
-    # replayed, then live: the stream goes on with what is written next
-    replayed = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        listening = pool.submit(
-            _sse_events, url, len(after) + 1, got=replayed, deployment="ds", since=since
-        )
-        assert replayed.wait(20)
-        r2 = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "live"})
-        assert r2.status_code == 202, r2.text
-        got = listening.result(timeout=30)
-    _cancel_active(api)
-    assert [e["seq"] for e in got[: len(after)]] == after
-    assert got[len(after)]["op_id"] == r2.json()["id"]
-
-
-@pytest.mark.parametrize(
-    ("params", "headers"),
-    [({"since": "-1"}, {}), ({"since": "x"}, {}), ({}, {"Last-Event-ID": "not-a-seq"})],
-)
-def test_sse_stream_refuses_a_bad_resume_point(
-    env: tuple[Proc, str, str], params: dict[str, str], headers: dict[str, str]
-) -> None:
-    r = httpx.get(f"{env[0].url}/v1/events", params=params, headers=headers, timeout=10)
-    assert r.status_code == 422
-    assert r.headers["content-type"].startswith("application/problem+json")
-
-
-def test_eepctl_events_lists_the_newest_oldest_first(
-    api: httpx.Client, env: tuple[Proc, str, str]
-) -> None:
-    import json
-    import subprocess
-
-    from tests.support.processes import BIN
-
-    ctl = [str(BIN / "eepctl"), "--server", str(env[0].url)]
-    _cancel_active(api)
-    r = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "events"})
-    assert r.status_code == 202, r.text
-    _cancel_active(api)  # created, aborted at least
-    newest = api.get("/v1/deployments/ds/events", params={"limit": 3}).json()["items"]
-    table = subprocess.run(
-        [*ctl, "events", "ds", "--limit", "3"], capture_output=True, text=True, timeout=60
-    )
-    assert table.returncode == 0, table.stderr
-    rows = [line for line in table.stdout.splitlines() if "operation." in line]
-    assert len(rows) == 3 and "ds events" in table.stdout, table.stdout
-    # oldest first: the newest event's message is on the last row
-    assert newest[0]["message"] in rows[-1] and newest[-1]["message"] in rows[0], table.stdout
-    listed = subprocess.run(
-        [*ctl, "events", "ds", "--limit", "3", "-o", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert json.loads(listed.stdout)["items"] == newest
-    missing = subprocess.run([*ctl, "events", "nope"], capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "404" in missing.stderr
-
-
-def test_eepctl_events_follow_rides_out_a_controller_restart(
-    api: httpx.Client, env: tuple[Proc, str, str]
-) -> None:
-    """`eepctl events -f` on a second controller replica: the events written while that
-    replica is down arrive once it is back on the same address (the stream resumes from the
-    last event seen), then live ones."""
-    import json
-
-    from eep_controller.store import free_port
-    from tests.support.processes import BIN, start
-
-    _, etcd, prefix = env
-    _cancel_active(api)
-    earlier = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "earlier"})
-    assert earlier.status_code == 202, earlier.text
-    _cancel_active(api)  # so there is a newest stored event to show first
-    port = free_port()
-    replica = start_controller(etcd, prefix, port=port)
-    follower = start(
-        "eepctl-follow",
-        [str(BIN / "eepctl"), "--server", str(replica.url), "events", "ds", "-f", "-o", "json",
-         "--limit", "1"],
-    )  # fmt: skip
-
-    def followed() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in follower.lines if line.startswith("{")]
-
-    try:
-        wait_for(lambda: len(followed()) >= 1, 20, what="the newest stored event")
-        assert replica.stop() == 0
-        down = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "down"})
-        assert down.status_code == 202, down.text
-        _cancel_active(api)
-        replica = start_controller(etcd, prefix, port=port)
-        wait_for(
-            lambda: any(
-                e["op_id"] == down.json()["id"] and e["type"] == "operation.aborted"
-                for e in followed()
-            ),
-            30,
-            what="the events written while the replica was down",
-        )
-        live = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "live"})
-        assert live.status_code == 202, live.text
-        _cancel_active(api)
-        wait_for(
-            lambda: any(e["op_id"] == live.json()["id"] for e in followed()),
-            30,
-            what="a live event",
-        )
-        seqs = [e["seq"] for e in followed()]
-        assert len(seqs) == len(set(seqs)), "an event was shown twice"
-        assert "reconnecting" in follower.output() and "event stream back" in follower.output()
-    finally:
-        follower.stop()
-        replica.stop()
-
-
 def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
     api: httpx.Client, env: tuple[Proc, str, str]
 ) -> None:
     """`eepctl scale --wait && next-step` must not go on after an aborted operation."""
     from tests.support.processes import BIN, start
 
-    _cancel_active(api)
+    cancel_active(api)
     waiting = start(
         "eepctl-scale-wait",
         [str(BIN / "eepctl"), "--server", str(env[0].url), "scale", "ds", "--dp", "5", "--wait"],
@@ -469,7 +226,7 @@ def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
         assert f"operation {active} ABORTED" in waiting.output(), waiting.output()
     finally:
         waiting.stop()
-        _cancel_active(api)
+        cancel_active(api)
 
 
 def test_metrics_count_operations(api: httpx.Client) -> None:
@@ -527,10 +284,10 @@ def test_eepctl_ops_piped_keeps_one_line_per_operation(
 
     from tests.support.processes import BIN
 
-    _cancel_active(api)
+    cancel_active(api)
     started = api.post("/v1/deployments/ds/scale", json={"dp_size": 5, "reason": "piped table"})
     assert started.status_code == 202, started.text
-    _cancel_active(api)
+    cancel_active(api)
     ctl = [str(BIN / "eepctl"), "--server", str(env[0].url)]
     listed = json.loads(
         subprocess.run(
@@ -584,7 +341,7 @@ def test_a_bad_load_window_from_an_agent_is_ignored_not_fatal(
     import numpy as np
 
     _, etcd, prefix = env
-    _cancel_active(api)
+    cancel_active(api)
     try:
         for bad in (np.full((4, 16), np.nan), -np.ones((4, 16)), np.ones((3, 16))):
             _set_load(etcd, prefix, bad)
