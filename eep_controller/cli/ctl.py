@@ -100,7 +100,7 @@ OutputOpt = typer.Option(Output.TABLE, "--output", "-o", help="table or json")
 
 @app.command()
 def nodes(output: Output = OutputOpt) -> None:
-    """List nodes with a live agent."""
+    """List nodes with a live agent, then lost nodes that still hold ranks."""
     data = request("GET", "/v1/nodes")
     table = Table("NODE", "ADDRESS", "DEVICES", "AGENT", "LABELS")
     for n in data["items"]:
@@ -110,7 +110,19 @@ def nodes(output: Output = OutputOpt) -> None:
         devs = ", ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))
         labels = ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items())
         table.add_row(n["node_id"], n["address"], devs, n["agent_version"], labels)
-    emit(data, output, table)
+    # nodes whose agent is gone but which some deployment still places ranks on
+    lost = [
+        Text(f"lost: {n['node_id']} (agent gone) holds {_ranks_held(n['ranks'])}")
+        for n in data.get("lost", [])
+    ]
+    emit(data, output, Group(table, *lost) if lost else table)
+
+
+def _ranks_held(ranks: dict[str, list[int]]) -> str:
+    return "; ".join(
+        f"{name} rank{'s' if len(held) > 1 else ''} {', '.join(map(str, held))}"
+        for name, held in sorted(ranks.items())
+    )
 
 
 def _deployment_row(d: dict[str, Any]) -> list[str]:

@@ -89,6 +89,38 @@ async def live_nodes(store: EtcdStore) -> frozenset[str]:
     return frozenset(n.value.node_id for n in await store.list(store.keys.nodes(), NodeInfo))
 
 
+class LostNode(BaseModel):
+    """A node that still holds ranks of some deployment but whose agent lease is gone."""
+
+    node_id: str
+    # deployment name -> the indices of its ranks on this node
+    ranks: dict[str, list[int]]
+
+
+async def deployment_names(store: EtcdStore) -> list[str]:
+    """The names of every stored deployment."""
+    keys = store.keys
+    return [
+        k[len(keys.deployments()) : -len("/spec")]
+        for k in await store.list_keys(keys.deployments())
+        if k.endswith("/spec")
+    ]
+
+
+async def lost_nodes(store: EtcdStore, live: frozenset[str]) -> list[LostNode]:
+    """Nodes not in `live` that some deployment's layout still places ranks on (until a
+    recover operation moves those ranks away), by node id."""
+    held: dict[str, dict[str, list[int]]] = {}
+    for name in await deployment_names(store):
+        layout = await store.get(store.keys.layout(name), Layout)
+        if layout is None:
+            continue  # deleted between the list and the read
+        for index, rank in enumerate(layout.value.ranks):
+            if rank.node_id not in live:
+                held.setdefault(rank.node_id, {}).setdefault(name, []).append(index)
+    return [LostNode(node_id=n, ranks=held[n]) for n in sorted(held)]
+
+
 async def deployment_view(
     store: EtcdStore, name: str, live: frozenset[str] | None = None
 ) -> DeploymentView:
@@ -126,15 +158,9 @@ def _view(
 
 
 async def list_deployment_views(store: EtcdStore) -> list[DeploymentView]:
-    keys = store.keys
-    names = [
-        k[len(keys.deployments()) : -len("/spec")]
-        for k in await store.list_keys(keys.deployments())
-        if k.endswith("/spec")
-    ]
     live = await live_nodes(store)
     views: list[DeploymentView] = []
-    for name in names:
+    for name in await deployment_names(store):
         try:
             views.append(await deployment_view(store, name, live))
         except NotFound:

@@ -20,7 +20,7 @@ from eep_controller.actuators import Actuator, NativeActuator
 from eep_controller.config import Settings
 from eep_controller.errors import EepError, InsufficientDevices
 from eep_controller.metrics import Metrics
-from eep_controller.operations.deployments import LockRecord
+from eep_controller.operations.deployments import LockRecord, deployment_names
 from eep_controller.operations.events import add_event, record_event, trim_events
 from eep_controller.operations.planning import lost_ranks, recover_dp
 from eep_controller.operations.service import create_operation
@@ -97,23 +97,19 @@ class Reconciler:
         nodes = [n.value for n in await self.store.list(keys.nodes(), NodeInfo)]
         live = frozenset(n.node_id for n in nodes)
         self.metrics.nodes.labels(state="ready").set(len(nodes))
-        names = [
-            k[len(keys.deployments()) : -len("/spec")]
-            for k in await self.store.list_keys(keys.deployments())
-            if k.endswith("/spec")
-        ]
+        names = await deployment_names(self.store)
         self.metrics.deployments.set(len(names))
-        lost_total = 0
+        lost: set[str] = set()  # nodes gone that still hold ranks
         for name in names:
             if not self.is_leader():
                 return
             try:
-                lost_total += await self._reconcile_deployment(name, nodes, live, now)
+                lost |= await self._reconcile_deployment(name, nodes, live, now)
             except StoreUnavailable:
                 raise
             except Exception:
                 log.exception("reconciling deployment %s failed", name)
-        self.metrics.nodes.labels(state="lost").set(lost_total)
+        self.metrics.nodes.labels(state="lost").set(len(lost))
         clock = time.time()
         if clock - self._last_trim > 30:
             self._last_trim = clock
@@ -122,19 +118,21 @@ class Reconciler:
 
     async def _reconcile_deployment(
         self, name: str, nodes: list[NodeInfo], live: frozenset[str], now: float | None
-    ) -> int:
+    ) -> set[str]:
+        """Drive or start this deployment's operation; returns the ids of the nodes gone
+        that still hold its ranks."""
         keys = self.store.keys
         spec = await self.store.get(keys.spec(name), DeploymentSpec)
         layout = await self.store.get(keys.layout(name), Layout)
         if spec is None or layout is None:
-            return 0
+            return set()
         await self._export_layout(name, layout.value)
+        lost = lost_ranks(layout.value, nodes)
+        gone = {layout.value.ranks[i].node_id for i in lost}
         lock = await self.store.get(keys.lock(name), LockRecord)
         if lock is not None:
             await self._drive(spec.value, lock, live, now)
-            return 0
-        lost = lost_ranks(layout.value, nodes)
-        if lost:
+        elif lost:
             await self._start(
                 spec.value,
                 ScaleRequest(
@@ -144,8 +142,7 @@ class Reconciler:
                 kind=OpKind.RECOVER,
                 note=f"ranks {lost} lost",
             )
-            return len(lost)
-        if not layout.value.ranks:
+        elif not layout.value.ranks:
             await self._start(
                 spec.value,
                 ScaleRequest(dp_size=spec.value.start_dp, reason="initial bring-up"),
@@ -153,7 +150,7 @@ class Reconciler:
                 kind=None,
                 note="bring-up",
             )
-        return 0
+        return gone
 
     # ------------------------------------------------------------------ starting ops on our own
     async def _start(

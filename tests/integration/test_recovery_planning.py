@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import start_controller, wait_for
+from tests.support.processes import BIN, start_controller, wait_for
 from tests.support.seeding import revoke_lease, seed_serving_deployment
 
 SPEC = {
@@ -50,6 +51,32 @@ def test_lost_node_while_idle_starts_a_recover_operation(
     assert op["plan"]["transfer_world"] == "standby"
     events = httpx.get(f"{url}/v1/deployments/rec/events").json()["items"]
     assert any(e["type"] == "operation.created" and e["op_id"] == op["id"] for e in events)
+
+
+def test_a_lost_node_is_listed_with_the_ranks_it_still_holds(
+    env: tuple[str, str, dict[str, int]], etcd: str
+) -> None:
+    url, _, leases = env
+    before = httpx.get(f"{url}/v1/nodes").json()
+    assert before["count"] == 3 and before["lost"] == []
+    revoke_lease(etcd, leases["n3"])
+    # no agent runs here, so the recover operation never commits and n3 stays lost
+    nodes = wait_for(
+        lambda: (n := httpx.get(f"{url}/v1/nodes").json())["lost"] and n, 10, what="n3 lost"
+    )
+    assert sorted(n["node_id"] for n in nodes["items"]) == ["n1", "n2"]
+    assert nodes["lost"] == [{"node_id": "n3", "ranks": {"rec": [4, 5]}}]
+    # the gauge counts nodes (one), not the two ranks on it
+    wait_for(
+        lambda: 'eep_nodes{state="lost"} 1.0' in httpx.get(f"{url}/metrics").text,
+        10,
+        what="the lost-node gauge",
+    )
+    shown = subprocess.run(
+        [str(BIN / "eepctl"), "--server", url, "nodes"], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "lost: n3 (agent gone) holds rec ranks 4, 5" in shown.stdout, shown.stdout
 
 
 def test_lost_node_during_an_operation_aborts_it_then_recovery_follows(

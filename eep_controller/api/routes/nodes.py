@@ -8,17 +8,23 @@ from fastapi import APIRouter, Depends, Request
 
 from eep_controller.api.auth import reader
 from eep_controller.api.problems import not_found
+from eep_controller.operations.deployments import lost_nodes
 from eep_controller.protocol import NodeInfo
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"], dependencies=[Depends(reader)])
 
 
-@router.get("", summary="Nodes with a live agent lease")
+@router.get("", summary="Nodes with a live agent lease, and lost nodes that still hold ranks")
 async def list_nodes(request: Request) -> dict[str, Any]:
     ctx = request.app.state.ctx
     nodes = await ctx.store.list(ctx.keys.nodes(), NodeInfo)
     ctx.metrics.nodes.labels(state="ready").set(len(nodes))
-    return {"items": [n.value.model_dump(mode="json") for n in nodes], "count": len(nodes)}
+    lost = await lost_nodes(ctx.store, frozenset(n.value.node_id for n in nodes))
+    return {
+        "items": [n.value.model_dump(mode="json") for n in nodes],
+        "count": len(nodes),
+        "lost": [n.model_dump(mode="json") for n in lost],
+    }
 
 
 @router.get("/{node_id}", summary="One node")
