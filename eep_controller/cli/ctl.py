@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import httpx
 import typer
 import yaml
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -24,7 +24,7 @@ app.add_typer(get_app, name="get")
 app.add_typer(create_app, name="create")
 
 console = make_console()
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 
 
 class Output(str, Enum):

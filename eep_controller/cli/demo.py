@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from rich.table import Table
 
-from eep_controller.cli.output import make_console
+from eep_controller.cli.output import balance_change, make_console
 from eep_controller.cli.runtime import ControllerRuntime
 from eep_controller.config import Settings
 from eep_controller.probe import ProbeClient, ProbeResult, write_synthetic
@@ -364,7 +364,7 @@ class Demo:
             table.add_row(
                 s["id"], s["kind"], f"{s['from_dp']} -> {s['to_dp']}", s["state"], phases,
                 f"{s['copies']} / {s['copy_lower_bound']}", f"{s['bytes_moved'] / 1e6:.1f} MB",
-                f"{s['balancedness_before']:.3f} -> {s['balancedness_after']:.3f}",
+                balance_change(s),
                 str(s["requests_served"]), str(s["probes_failed"]),
             )  # fmt: skip
         console.print(table)

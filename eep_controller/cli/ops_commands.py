@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from eep_controller.cli.ctl import Output, OutputOpt, _fail, app, console, emit, request
+from eep_controller.cli.output import balance_change, duration
 
 PHASES = ("PREPARING", "TRANSFERRING", "SWITCHING", "CLEANUP")
 
@@ -43,10 +44,12 @@ def _plan_table(plan: dict[str, Any]) -> Table:
         "max bytes in / out per rank",
         f"{_fmt_bytes(plan['max_rank_bytes_in'])} / {_fmt_bytes(plan['max_rank_bytes_out'])}",
     )
+    table.add_row("balancedness", balance_change(plan, 4))
     table.add_row(
-        "balancedness", f"{plan['balancedness_before']:.4f} -> {plan['balancedness_after']:.4f}"
+        "estimated transfer time",
+        f"{duration(plan['est_transfer_s'])} in {plan['rounds']} rounds"
+        f" (lower bound {duration(plan['makespan_lower_bound_s'])})",
     )
-    table.add_row("estimated transfer time", f"{plan['est_transfer_s']:.2f} s")
     return table
 
 
@@ -144,7 +147,7 @@ def _op_table(ops: list[dict[str, Any]]) -> Table:
             f"{op['from_generation']} -> {op['to_generation']}",
             f"{plan.get('copies', '-')} ({plan.get('lower_bound', '-')})",
             _fmt_bytes(op.get("bytes_moved") or plan.get("bytes", 0)),
-            f"{plan.get('balancedness_before', 0):.3f} -> {plan.get('balancedness_after', 0):.3f}",
+            balance_change(plan),
             (op.get("error") or "")[:60],
         )
     return table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from rich.console import Console
 
@@ -20,3 +21,21 @@ def make_console(*, stderr: bool = False) -> Console:
 def local_time(epoch_s: float) -> str:
     """A point in time as a local date and time, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_s))
+
+
+def duration(seconds: float) -> str:
+    """A span of time in the unit that suits it: 4.0 ms, 2.35 s, 3 min 5 s."""
+    if round(seconds * 1000, 1) < 1000:
+        return f"{seconds * 1000:.1f} ms"
+    if round(seconds, 2) < 60:
+        return f"{seconds:.2f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def balance_change(plan: dict[str, Any], digits: int = 3) -> str:
+    """A plan's balancedness before -> after; before is "-" for a bring-up (nothing served)."""
+    after = f"{plan.get('balancedness_after', 0):.{digits}f}"
+    if not plan.get("from_dp"):
+        return f"- -> {after}"
+    return f"{plan.get('balancedness_before', 0):.{digits}f} -> {after}"

@@ -123,6 +123,18 @@ def test_eepctl_lists_nodes_and_manages_deployments(
             timeout=60,
         )
         assert again.returncode == 1 and "409" in again.stderr and "already exists" in again.stderr
+        short = subprocess.run(
+            [*ctl, "scale", "demo", "--dp", "8", "--dry-run"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # a piped error is not folded at 80 columns either: the message is one whole line
+        assert short.returncode == 1, short.stderr
+        assert (
+            "error: 422 scaling to dp_size 8 needs 8 free healthy devices; 2 available, 6 missing\n"
+            in short.stderr
+        ), short.stderr
         missing = subprocess.run(
             [*ctl, "get", "deployment", "nope"], capture_output=True, text=True, timeout=60
         )

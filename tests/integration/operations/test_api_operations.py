@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import uuid
 from typing import Any
 
@@ -256,6 +257,9 @@ def test_eepctl_scale_dry_run_and_layout(env: tuple[Proc, str, str]) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "copies (lower bound)" in out.stdout and "4 -> 6" in out.stdout
+    assert re.search(
+        r"estimated transfer time +│ [\d.]+ (ms|s) in \d+ rounds \(lower bound", out.stdout
+    )
     js = subprocess.run(
         [*ctl, "scale", "ds", "--dp", "6", "--dry-run", "-o", "json"],
         capture_output=True,
