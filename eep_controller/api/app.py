@@ -8,12 +8,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 
 from eep_controller import __version__
 from eep_controller.api.context import ControllerContext
 from eep_controller.api.limits import BodySizeLimit
 from eep_controller.api.problems import Problem, install_problem_handlers, problem_response
+from eep_controller.api.query_params import known_query_params
 from eep_controller.api.routes import deployments, health, layouts, nodes, operations, stream
 from eep_controller.errors import EepError
 from eep_controller.planner.workers import configure_workers, shutdown_workers
@@ -54,6 +55,7 @@ def create_app(
         version=__version__,
         summary="Elastic expert parallelism control plane for MoE serving",
         lifespan=lifespan,
+        dependencies=[Depends(known_query_params)],
     )
     app.state.ctx = ctx
     install_problem_handlers(app)

@@ -31,6 +31,29 @@ def test_dry_run_previews_the_plan_and_changes_nothing(
     assert dump_sync(etcd, prefix) == before
 
 
+def test_unknown_query_parameters_are_refused_not_ignored(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
+    _, etcd, prefix = env
+    before = dump_sync(etcd, prefix)
+    # ignored, ?dry_run=true would start a real scale-up (no dry_run in the body)
+    r = api.post("/v1/deployments/ds/scale?dry_run=true", json={"dp_size": 6})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["unknown"] == ["dry_run"]
+    assert r.json()["detail"] == (
+        "unknown query parameter dry_run: POST /v1/deployments/{name}/scale takes no query "
+        "parameter; options go in the JSON body"
+    )
+    r = api.get("/v1/deployments/ds/events", params={"limit": 5, "opid": "x", "all": 1})
+    assert r.status_code == 422 and r.json()["unknown"] == ["all", "opid"]
+    assert "takes limit, op_id" in r.json()["detail"], r.json()
+    assert api.get("/v1/deployments", params={"x": 1}).status_code == 422
+    assert dump_sync(etcd, prefix) == before
+    # the parameters a route declares still work, its dependencies' too (none here)
+    assert api.get("/v1/deployments/ds/events", params={"limit": 5}).status_code == 200
+    assert api.get("/v1/deployments/ds/operations", params={"limit": 1}).status_code == 200
+
+
 def test_noop_scale_is_200_and_records_nothing(
     api: httpx.Client, env: tuple[Proc, str, str]
 ) -> None:
