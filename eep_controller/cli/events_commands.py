@@ -52,28 +52,45 @@ def stream_events(deployment: str, since: int) -> Iterator[dict[str, Any]]:
     url = f"{opts.server}/v1/events"
     # no read timeout: the controller sends a keep-alive comment every 15 s
     timeout = httpx.Timeout(opts.timeout, read=None)
-    warned = False
+    # why the stream is down, as last told (each kind of failure is told once, not per retry)
+    down: str | None = None
     while True:
         try:
             params: dict[str, str | int] = {"deployment": deployment, "since": since}
             with httpx.stream("GET", url, params=params, headers=headers, timeout=timeout) as r:
-                if 400 <= r.status_code < 500:
+                if r.status_code >= 400:
                     r.read()
-                    _fail(f"{r.status_code} {r.text}")  # a retry would get the same answer
-                r.raise_for_status()  # a 5xx (etcd unreachable there) is retried below
-                if warned:
-                    err_console.print("event stream back")
-                    warned = False
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        event = json.loads(line[len("data: ") :])
-                        since = max(since, int(event["seq"]))
-                        yield event
+                    if r.status_code < 500:
+                        _fail(f"{r.status_code} {r.text}")  # a retry would get the same answer
+                    # a 5xx (the controller cannot reach etcd, say) is retried
+                    if down != str(r.status_code):
+                        err_console.print(
+                            f"event stream unavailable ({r.status_code} {_detail(r)}); retrying",
+                            markup=False,
+                        )
+                        down = str(r.status_code)
+                else:
+                    if down is not None:
+                        err_console.print("event stream back")
+                        down = None
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            event = json.loads(line[len("data: ") :])
+                            since = max(since, int(event["seq"]))
+                            yield event
         except httpx.HTTPError as exc:
-            if not warned:
-                err_console.print(f"event stream lost ({exc}); reconnecting")
-                warned = True
+            if down != type(exc).__name__:
+                err_console.print(f"event stream lost ({exc}); reconnecting", markup=False)
+                down = type(exc).__name__
         time.sleep(RECONNECT_S)
+
+
+def _detail(response: httpx.Response) -> str:
+    """A problem+json answer's detail, else its text."""
+    try:
+        return str(response.json().get("detail") or response.text)
+    except ValueError:
+        return response.text
 
 
 @app.command()

@@ -213,3 +213,64 @@ def test_eepctl_events_follow_rides_out_a_controller_restart(
     finally:
         follower.stop()
         replica.stop()
+
+
+def test_eepctl_events_follow_retries_while_the_controller_cannot_reach_etcd(
+    private_etcd: Any,
+) -> None:
+    """While etcd is down the controller answers the stream with a 503 problem; `eepctl
+    events -f` keeps retrying (a 4xx would end it) and streams again once etcd is back."""
+    import json
+
+    from eep_controller.store import free_port
+    from tests.integration.operations.serving import spec
+    from tests.support.processes import BIN, start
+    from tests.support.seeding import seed_serving_deployment
+
+    etcd = private_etcd.endpoint
+    seed_serving_deployment(etcd, "/eep-follow", spec("ds"), {"n1": 4}, dp=2)
+    port = free_port()
+    controller = start_controller(etcd, "/eep-follow", port=port)
+    follower = start(
+        "eepctl-follow",
+        [str(BIN / "eepctl"), "--server", str(controller.url), "events", "ds", "-f", "-o",
+         "json"],
+    )  # fmt: skip
+    api = httpx.Client(base_url=str(controller.url), timeout=30)
+
+    def shown(op_id: str) -> list[dict[str, Any]]:
+        lines = [line for line in follower.lines if line.startswith("{")]
+        return [e for e in map(json.loads, lines) if e["op_id"] == op_id]
+
+    try:
+        first = api.post("/v1/deployments/ds/scale", json={"dp_size": 3}).json()
+        wait_for(lambda: shown(first["id"]), 20, what="the stream is up")
+        cancel_active(api)
+        private_etcd.kill()
+        # a controller that starts while etcd is down: the stream's reconnect gets a 503
+        assert controller.stop() == 0
+        controller = start_controller(etcd, "/eep-follow", port=port)
+        wait_for(
+            lambda: "event stream unavailable (503 etcd unreachable" in follower.output(),
+            20,
+            what="a 503 answer to the reconnect",
+        )
+        assert follower.alive(), follower.output()
+        private_etcd.start()
+        op = wait_for(
+            lambda: (
+                (r := api.post("/v1/deployments/ds/scale", json={"dp_size": 3})).status_code == 202
+                and r.json()
+            ),
+            30,
+            what="a scale accepted once etcd is back",
+        )
+        events = wait_for(lambda: shown(op["id"]), 30, what="the new operation's events")
+        assert events[0]["type"] == "operation.created", events
+        assert "event stream back" in follower.output(), follower.output()
+        # told once, not once a second while etcd was down
+        assert follower.output().count("event stream unavailable") == 1, follower.output()
+    finally:
+        api.close()
+        follower.stop()
+        controller.stop()
