@@ -12,6 +12,7 @@ import httpx
 import typer
 import yaml
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -56,7 +57,7 @@ def _global(
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -109,7 +110,7 @@ def nodes(output: Output = OutputOpt) -> None:
             kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
         devs = ", ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))
         labels = ",".join(f"{k}={v}" for k, v in n.get("labels", {}).items())
-        table.add_row(n["node_id"], n["address"], devs, n["agent_version"], labels)
+        table.add_row(n["node_id"], n["address"], devs, n["agent_version"], escape(labels))
     # nodes whose agent is gone but which some deployment still places ranks on
     lost = [
         Text(f"lost: {n['node_id']} (agent gone) holds {_ranks_held(n['ranks'])}")

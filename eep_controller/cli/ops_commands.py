@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -118,7 +119,7 @@ def scale(
     data = request("POST", f"/v1/deployments/{deployment}/scale", json=body, headers=headers)
     if data.get("noop"):
         emit(data, output, None) if output is Output.JSON else console.print(
-            data.get("detail", "nothing to do")
+            data.get("detail", "nothing to do"), markup=False
         )
         return
     if dry_run:
@@ -148,7 +149,7 @@ def _op_table(ops: list[dict[str, Any]]) -> Table:
             f"{plan.get('copies', '-')} ({plan.get('lower_bound', '-')})",
             _fmt_bytes(op.get("bytes_moved") or plan.get("bytes", 0)),
             balance_change(plan),
-            (op.get("error") or "")[:60],
+            escape((op.get("error") or "")[:60]),
         )
     return table
 

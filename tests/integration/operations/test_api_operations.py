@@ -299,6 +299,8 @@ def test_eepctl_scale_dry_run_and_layout(env: tuple[Proc, str, str]) -> None:
         [*ctl, "scale", "ds", "--dp", "99"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 1 and "422" in bad.stderr
+    # the message is shown as text: rich markup would swallow "[min_dp, max_dp]" as a tag
+    assert "dp_size 99 is outside [min_dp, max_dp] = [2, 8]" in bad.stderr, bad.stderr
 
 
 def test_eepctl_ops_piped_keeps_one_line_per_operation(
