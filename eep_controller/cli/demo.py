@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.markup import escape
 from rich.table import Table
 
 from eep_controller.cli.output import balance_change, make_console
@@ -371,14 +372,17 @@ class Demo:
         for s in self.summary:
             if s["state"] != "SUCCEEDED" or not s["probe_ok"]:
                 console.print(
-                    f"[red]{s['id']} {s['state']}[/]: {s['error'] or 'probe mismatch after the operation'}"
+                    f"[red]{s['id']} {s['state']}[/]: "
+                    + escape(s["error"] or "probe mismatch after the operation")
                 )
         t = self.traffic
         console.print(
             f"traffic: {t.probes} probes, {t.requests} requests, {t.failed_requests} failed, {t.mismatches} mismatches"
         )
         console.print(
-            "[bold green]demo OK[/]" if ok else f"[bold red]demo FAILED[/] {t.errors[:3]}"
+            "[bold green]demo OK[/]"
+            if ok
+            else f"[bold red]demo FAILED[/] {escape(str(t.errors[:3]))}"
         )
 
     @staticmethod
