@@ -40,6 +40,10 @@ from eep_controller.tasks import ShutdownWatchdog, cancel_and_wait
 log = logging.getLogger(__name__)
 
 RECONCILE_TICK_S = 1.0
+# While etcd cannot be reached at start, registration is retried after this, doubling up to
+# the max (one warning per try, not one a second for as long as etcd is down).
+REGISTER_RETRY_S = 1.0
+REGISTER_RETRY_MAX_S = 10.0
 
 
 class AgentDaemon:
@@ -105,14 +109,34 @@ class AgentDaemon:
             started_at=time.time(),
         )
         self.registration = NodeRegistration(self.store, info, self.settings.lease_ttl_s)
+        if await self._register():
+            await self._serve(address)
+        try:
+            await self.shutdown()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.disarm()
+
+    async def _register(self) -> bool:
+        """Register under a lease, retrying with backoff while etcd cannot be reached;
+        False when the agent is stopped first."""
+        assert self.registration is not None
+        delay = REGISTER_RETRY_S
         while not self.stopping.is_set():
             try:
                 await self.registration.start()
-                break
+                return True
             except Exception as exc:
-                log.warning("cannot register with etcd yet: %s", exc)
+                log.warning("cannot register with etcd yet (retrying in %.0f s): %s", delay, exc)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                delay = min(delay * 2, REGISTER_RETRY_MAX_S)
+        return False
+
+    async def _serve(self, address: str) -> None:
+        """Act on operations until the agent is told to stop."""
+        assert self.registration is not None
+        info = self.registration.info
         self._background = [
             asyncio.create_task(self._watch_deployments(), name="watch-deployments"),
             asyncio.create_task(self._reconcile_forever(), name="reconcile"),
@@ -123,11 +147,6 @@ class AgentDaemon:
         )
         print(f"eep-agent {info.node_id} ready at {address}", flush=True)
         await self.stopping.wait()
-        try:
-            await self.shutdown()
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.disarm()
 
     def _on_signal(self) -> None:
         if self.stopping.is_set():

@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import BIN, Proc, start_agent, start_controller, wait_for
+from eep_controller.store import EmbeddedEtcd
+from tests.support.processes import BIN, Proc, start, start_agent, start_controller, wait_for
 
 
 @pytest.fixture
@@ -141,3 +142,41 @@ def test_eepctl_lists_nodes_and_manages_deployments(
         assert missing.returncode == 1 and "404" in missing.stderr
     finally:
         agent.stop()
+
+
+def _agent_before_etcd(etcd: str, prefix: str, node_id: str) -> Proc:
+    return start(
+        f"agent {node_id}",
+        [str(BIN / "eep-agent"), "run", "--etcd", etcd, "--node-id", node_id, "--prefix", prefix,
+         "--devices", "cpu:1"],
+    )  # fmt: skip
+
+
+def test_an_agent_started_before_etcd_backs_off_then_registers(
+    private_etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    private_etcd.kill()
+    agent = _agent_before_etcd(private_etcd.endpoint, prefix, "early")
+    try:
+        # one warning per try, each wait twice the one before
+        wait_for(lambda: "retrying in 2 s" in agent.output(), 30, what="a second, longer wait")
+        assert "ready at" not in agent.output()
+        private_etcd.start()
+        controller = start_controller(private_etcd.endpoint, prefix)
+        try:
+            wait_for(lambda: "early" in _node_ids(str(controller.url)), 30, what="registered")
+            assert "eep-agent early ready at" in agent.output()
+        finally:
+            controller.stop()
+    finally:
+        agent.stop()
+
+
+def test_an_agent_stopped_before_it_registers_exits_without_claiming_ready(
+    private_etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    private_etcd.kill()
+    agent = _agent_before_etcd(private_etcd.endpoint, prefix, "never")
+    wait_for(lambda: "cannot register" in agent.output(), 30, what="a failed registration")
+    assert agent.stop() == 0
+    assert "ready at" not in agent.output() and "serving at" not in agent.output(), agent.output()
