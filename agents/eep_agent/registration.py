@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from eep_controller.protocol import NodeInfo
-from eep_controller.store import EtcdStore, KeptLease
+from eep_controller.store import EtcdStore, KeptLease, RepeatedFailure
 from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,14 @@ class NodeRegistration:
             await self.lease.lost.wait()
             self.registered.clear()
             log.warning("node %s lost its lease; registering again", self.info.node_id)
+            failures = RepeatedFailure(log, "re-registration failed")
             while True:
                 try:
                     await self._register()
+                    failures.ok()
                     break
                 except Exception as exc:
-                    log.warning("re-registration failed: %s", exc)
+                    failures.failed(exc)
                     await asyncio.sleep(1.0)
 
     async def stop(self) -> None:

@@ -46,7 +46,7 @@ from eep_controller.protocol import (
     OpKind,
     ScaleRequest,
 )
-from eep_controller.store import EtcdStore, StoreUnavailable, Versioned
+from eep_controller.store import EtcdStore, RepeatedFailure, StoreUnavailable, Versioned
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class Reconciler:
     _balance_cache: dict[str, tuple[int, float]] = field(default_factory=dict)  # generation, when
     _last_trim: float = 0.0
     ticks: int = 0
+    _etcd_failures: RepeatedFailure = field(
+        default_factory=lambda: RepeatedFailure(log, "reconcile: etcd unavailable")
+    )
 
     def __post_init__(self) -> None:
         self.actuators.setdefault(ActuatorKind.NATIVE, NativeActuator(self.store))
@@ -81,8 +84,9 @@ class Reconciler:
             if self.is_leader():
                 try:
                     await self.tick()
+                    self._etcd_failures.ok()
                 except StoreUnavailable as exc:
-                    log.warning("reconcile: etcd unavailable: %s", exc)
+                    self._etcd_failures.failed(exc)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -13,6 +13,7 @@ from eep_controller.store.embedded import EmbeddedEtcd, free_port
 from eep_controller.store.keys import KeySpace
 from eep_controller.store.leader import LeaderElection, LeaderRecord
 from eep_controller.store.lease import KeptLease
+from eep_controller.store.outage import RepeatedFailure
 from eep_controller.store.watch import PrefixWatch, Resync, WatchEvent
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "LeaderElection",
     "LeaderRecord",
     "PrefixWatch",
+    "RepeatedFailure",
     "Resync",
     "StoreUnavailable",
     "Txn",

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from eep_controller.store.client import EtcdStore
 from eep_controller.store.lease import KeptLease
+from eep_controller.store.outage import RepeatedFailure
 from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class LeaderElection:
         self._task: asyncio.Task[None] | None = None
         self.current: LeaderRecord | None = None
         self.terms = 0
+        self._failures = RepeatedFailure(log, "leader election")
 
     @property
     def is_leader(self) -> bool:
@@ -66,7 +68,9 @@ class LeaderElection:
                 txn = self.store.txn()
                 self.store.require_absent(txn, key)
                 self.store.put_op(txn, key, record, lease=self.lease.id)
-                if await self.store.commit(txn):
+                won = await self.store.commit(txn)
+                self._failures.ok()
+                if won:
                     self._leader = True
                     self.terms += 1
                     self.current = record
@@ -88,7 +92,7 @@ class LeaderElection:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("leader election: %s", exc)
+                self._failures.failed(exc)
                 await asyncio.sleep(0.5)
 
     def _step_down(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from aetcd import exceptions as etcd_errors
 
 from eep_controller.store.client import EtcdStore
+from eep_controller.store.outage import RepeatedFailure
 from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class PrefixWatch:
         self._need_list = resume_from is None
         self.restarts = 0
         self._cancel: asyncio.Event = asyncio.Event()
+        self._failures = RepeatedFailure(log, f"watch on {prefix} broke", level=logging.INFO)
 
     def close(self) -> None:
         self._cancel.set()
@@ -78,12 +80,7 @@ class PrefixWatch:
                 raise
             except Exception as exc:
                 self.restarts += 1
-                log.info(
-                    "watch on %s broke (%s); re-watching from %d",
-                    self.prefix,
-                    exc,
-                    self.revision + 1,
-                )
+                self._failures.failed(f"{exc}; re-watching from {self.revision + 1}")
                 with contextlib.suppress(Exception):
                     await self.store._rotate()
                 await self._sleep(self.retry_s)
@@ -98,6 +95,7 @@ class PrefixWatch:
             client.watch_prefix(self.prefix.encode(), start_revision=self.revision + 1),
             self.store.conn.timeout_s,
         )
+        self._failures.ok()
         stopper = asyncio.create_task(self._cancel.wait())
         nxt: asyncio.Future[Any] | None = None
         try:

@@ -132,6 +132,9 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
         assert "eep_etcd_up 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
         assert httpx.get(f"{url}/healthz").status_code == 200  # the process is still up
         assert httpx.get(f"{url}/v1/deployments", timeout=15).status_code == 503
+        # down long enough for the leader lease to go and the election to retry a few times
+        wait_for(lambda: "no longer the leader" in proc.output(), 15, what="the lease lost")
+        time.sleep(2)
         private_etcd.start()
         wait_for(
             lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 200,
@@ -140,6 +143,10 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
         )
         assert "eep_etcd_up 1.0" in httpx.get(f"{url}/metrics", timeout=10).text
         assert proc.alive()
+        # the election retried every half second while etcd was down: told once, not per try
+        wait_for(lambda: "leader election: working again" in proc.output(), 10, what="told")
+        told = [line for line in proc.lines if "leader election: " in line]
+        assert len(told) == 2 and "working again" in told[1], "\n".join(told)
         r = httpx.post(
             f"{url}/v1/deployments",
             json={
