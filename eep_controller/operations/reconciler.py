@@ -68,6 +68,7 @@ class Reconciler:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     _backoff: dict[str, _Backoff] = field(default_factory=dict)
     _balance_cache: dict[str, tuple[int, float]] = field(default_factory=dict)  # generation, when
+    _exported: set[str] = field(default_factory=set)  # deployments with layout gauges
     _last_trim: float = 0.0
     ticks: int = 0
     _etcd_failures: RepeatedFailure = field(
@@ -81,7 +82,9 @@ class Reconciler:
     async def run(self) -> None:
         interval = self.settings.operations.reconcile_interval_s
         while True:
-            if self.is_leader():
+            if not self.is_leader():
+                self._forget_layouts(set())
+            else:
                 try:
                     await self.tick()
                     self._etcd_failures.ok()
@@ -103,6 +106,7 @@ class Reconciler:
         self.metrics.nodes.labels(state="ready").set(len(nodes))
         names = await deployment_names(self.store)
         self.metrics.deployments.set(len(names))
+        self._forget_layouts(set(names))
         lost: set[str] = set()  # nodes gone that still hold ranks
         for name in names:
             if not self.is_leader():
@@ -329,6 +333,7 @@ class Reconciler:
     # ------------------------------------------------------------------ metrics
     async def _export_layout(self, name: str, layout: Layout) -> None:
         """Generation and balancedness gauges; balance is scored on the published load window."""
+        self._exported.add(name)
         self.metrics.generation.labels(deployment=name).set(layout.generation)
         cached = self._balance_cache.get(name)
         clock = time.time()
@@ -346,3 +351,13 @@ class Reconciler:
             )
         self._balance_cache[name] = (layout.generation, clock)
         self.metrics.balancedness.labels(deployment=name).set(value)
+
+    def _forget_layouts(self, keep: set[str]) -> None:
+        """Drop the layout gauges of deployments not in `keep` (deleted ones; all of them
+        once this replica no longer leads, as only the leader keeps them current)."""
+        for name in self._exported - keep:
+            self._exported.discard(name)
+            self._balance_cache.pop(name, None)
+            for gauge in (self.metrics.generation, self.metrics.balancedness):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import dump_sync
-from tests.support.processes import Proc, start_controller
+from tests.support.processes import Proc, start_controller, wait_for
 
 ADMIN, READER = "admin-token-123", "read-token-456"
 
@@ -68,6 +68,15 @@ def test_create_get_list_delete(api: httpx.Client) -> None:
     assert "crud" in [d["name"] for d in api.get("/v1/deployments").json()["items"]]
     assert api.delete("/v1/deployments/crud").status_code == 200
     assert api.get("/v1/deployments/crud").status_code == 404
+
+
+def test_a_deleted_deployment_leaves_no_layout_gauges(api: httpx.Client) -> None:
+    assert api.post("/v1/deployments", json=valid_spec("gauged")).status_code == 201
+    series = 'eep_layout_generation{deployment="gauged"}'
+    wait_for(lambda: series in api.get("/metrics").text, 10, what="the generation gauge")
+    assert api.delete("/v1/deployments/gauged").status_code == 200
+    wait_for(lambda: series not in api.get("/metrics").text, 10, what="the gauge gone")
+    assert 'eep_balancedness{deployment="gauged"}' not in api.get("/metrics").text
 
 
 def test_duplicate_name_is_a_conflict(api: httpx.Client) -> None:

@@ -118,11 +118,25 @@ def test_two_replicas_elect_one_leader_and_fail_over(etcd: str, prefix: str) -> 
         b.stop()
 
 
+def _spec(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": {"num_moe_layers": 2, "num_experts": 8, "expert_bytes": 8},
+        "slots_per_rank": 4,
+        "min_dp": 2,
+        "max_dp": 4,
+    }
+
+
 def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix: str) -> None:
     proc = start_controller(private_etcd.endpoint, prefix)
     try:
         url = proc.url
         wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, 10, what="ready")
+        created = httpx.post(f"{url}/v1/deployments", json=_spec("before-restart"))
+        assert created.status_code == 201, created.text
+        gauge = 'eep_layout_generation{deployment="before-restart"}'
+        wait_for(lambda: gauge in httpx.get(f"{url}/metrics").text, 10, what="the leader's gauge")
         private_etcd.kill()
         wait_for(
             lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 503, 15, what="not ready"
@@ -134,6 +148,8 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
         assert httpx.get(f"{url}/v1/deployments", timeout=15).status_code == 503
         # down long enough for the leader lease to go and the election to retry a few times
         wait_for(lambda: "no longer the leader" in proc.output(), 15, what="the lease lost")
+        # only the leader keeps layout gauges current: a replica that stops leading drops them
+        wait_for(lambda: gauge not in httpx.get(f"{url}/metrics").text, 5, what="gauge dropped")
         time.sleep(2)
         private_etcd.start()
         wait_for(
@@ -147,16 +163,7 @@ def test_controller_rides_out_an_etcd_restart(private_etcd: EmbeddedEtcd, prefix
         wait_for(lambda: "leader election: working again" in proc.output(), 10, what="told")
         told = [line for line in proc.lines if "leader election: " in line]
         assert len(told) == 2 and "working again" in told[1], "\n".join(told)
-        r = httpx.post(
-            f"{url}/v1/deployments",
-            json={
-                "name": "after-restart",
-                "model": {"num_moe_layers": 2, "num_experts": 8, "expert_bytes": 8},
-                "slots_per_rank": 4,
-                "min_dp": 2,
-                "max_dp": 4,
-            },
-        )
+        r = httpx.post(f"{url}/v1/deployments", json=_spec("after-restart"))
         assert r.status_code == 201
     finally:
         proc.stop()
