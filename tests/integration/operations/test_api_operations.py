@@ -49,7 +49,7 @@ def test_unknown_query_parameters_are_refused_not_ignored(
     assert "takes limit, op_id" in r.json()["detail"], r.json()
     assert api.get("/v1/deployments", params={"x": 1}).status_code == 422
     assert dump_sync(etcd, prefix) == before
-    # the parameters a route declares still work, its dependencies' too (none here)
+    # the parameters a route declares still work
     assert api.get("/v1/deployments/ds/events", params={"limit": 5}).status_code == 200
     assert api.get("/v1/deployments/ds/operations", params={"limit": 1}).status_code == 200
 
