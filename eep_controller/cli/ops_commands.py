@@ -19,10 +19,21 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from eep_controller.cli.ctl import Output, OutputOpt, _fail, app, console, emit, request
+from eep_controller.cli.ctl import (
+    Output,
+    OutputOpt,
+    _fail,
+    app,
+    console,
+    emit,
+    err_console,
+    request,
+)
 from eep_controller.cli.output import balance_change, duration
 
 PHASES = ("PREPARING", "TRANSFERRING", "SWITCHING", "CLEANUP")
+# Exit code of `scale --wait` stopped by Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
 def _fmt_bytes(n: float) -> str:
@@ -130,7 +141,16 @@ def scale(
     if not wait:
         emit(data, output, _op_table([data]))
         return
-    final = watch_operation(data["id"])
+    try:
+        final = watch_operation(data["id"])
+    except KeyboardInterrupt:
+        # only the watching stops: the operation is the controller's and goes on
+        err_console.print(
+            f"stopped watching; operation {data['id']} goes on: `eepctl op {data['id']}` shows "
+            f"it, `eepctl cancel {data['id']}` cancels it (before its commit point)",
+            markup=False,
+        )
+        raise typer.Exit(INTERRUPTED) from None
     emit(final, output, _op_table([final]))
     if final["state"] != "SUCCEEDED":
         _fail(f"operation {final['id']} {final['state']}: {final.get('error')}")

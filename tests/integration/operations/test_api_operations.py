@@ -253,6 +253,35 @@ def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
         cancel_active(api)
 
 
+def test_ctrl_c_on_eepctl_scale_wait_stops_watching_not_the_operation(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
+    import signal
+
+    from tests.support.processes import BIN, start
+
+    cancel_active(api)
+    waiting = start(
+        "eepctl-scale-wait",
+        [str(BIN / "eepctl"), "--server", str(env[0].url), "scale", "ds", "--dp", "5", "--wait"],
+    )
+    try:
+        active = wait_for(
+            lambda: api.get("/v1/deployments/ds").json()["active_operation"], 20, what="the op"
+        )
+        wait_for(lambda: "accepted" in waiting.output(), 20, what="the watch")
+        waiting.signal(signal.SIGINT)
+        assert waiting.popen.wait(30) == 130, waiting.output()
+        out = waiting.output()
+        assert f"stopped watching; operation {active} goes on" in out, out
+        assert f"eepctl cancel {active}" in out and "Aborted" not in out, out
+        assert api.get(f"/v1/operations/{active}").json()["state"] == "PREPARING"
+        assert api.get("/v1/deployments/ds").json()["active_operation"] == active
+    finally:
+        waiting.stop()
+        cancel_active(api)
+
+
 def test_metrics_count_operations(api: httpx.Client) -> None:
     wait_for(
         lambda: (
