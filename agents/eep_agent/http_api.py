@@ -18,24 +18,17 @@ from fastapi.responses import JSONResponse
 from eep_agent import __version__
 from eep_agent.runtime.commands import Forward, ForwardResult
 from eep_agent.worker_pool import WorkerError, WorkerGone
+from eep_controller.problem_details import PROBLEM_JSON, problem_body, validation_problem
 from eep_controller.protocol import EncodedArray, ForwardRequest, ForwardResponse
 
 if TYPE_CHECKING:
     from eep_agent.daemon import AgentDaemon
 
-PROBLEM_BASE = "https://eep.dev/problems/"
-PROBLEM_JSON = "application/problem+json"
 FORWARD_TIMEOUT_S = 60.0
 
 
-def problem(status: int, kind: str, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {
-        "type": PROBLEM_BASE + kind,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        **extra,
-    }
+def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = problem_body(status, slug, title, detail, **extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
@@ -45,7 +38,8 @@ def build_app(daemon: AgentDaemon) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return problem(422, "invalid-request", "Invalid request", str(exc.errors()[:3]))
+        body = validation_problem(list(exc.errors()))
+        return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_JSON)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -98,10 +92,10 @@ def build_app(daemon: AgentDaemon) -> FastAPI:
             experts = body.experts.decode().astype(np.int64)
             tokens = body.tokens.decode().astype(np.float32)
         except ValueError as exc:
-            return problem(400, "invalid-request", "Invalid arrays", str(exc))
+            return problem(400, "malformed", "Invalid arrays", str(exc))
         if experts.ndim != 1 or tokens.ndim != 2 or tokens.shape[0] != experts.shape[0]:
             return problem(
-                422, "invalid-request", "Invalid shapes",
+                422, "invalid", "Invalid shapes",
                 f"experts must be [n] and tokens [n, H]; got {list(experts.shape)} and {list(tokens.shape)}",
             )  # fmt: skip
         future = handle.submit(Forward(body.layer, experts, tokens))

@@ -6,7 +6,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from eep_controller.api.problems import PROBLEM_BASE, PROBLEM_JSON
+from eep_controller.problem_details import PROBLEM_JSON, problem_body
 
 
 class BodySizeLimit:
@@ -18,13 +18,13 @@ class BodySizeLimit:
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(
-            {
-                "type": PROBLEM_BASE + "body-too-large",
-                "title": "Request body too large",
-                "status": 413,
-                "detail": f"the body exceeds the {self.max_bytes}-byte limit",
-                "max_bytes": self.max_bytes,
-            }
+            problem_body(
+                413,
+                "body-too-large",
+                "Request body too large",
+                f"the body exceeds the {self.max_bytes}-byte limit",
+                max_bytes=self.max_bytes,
+            )
         ).encode()
         await send(
             {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,8 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-PROBLEM_BASE = "https://eep.dev/problems/"
-PROBLEM_JSON = "application/problem+json"
+from eep_controller.problem_details import PROBLEM_JSON, problem_body, validation_problem
 
 
 class Problem(Exception):
@@ -27,13 +25,7 @@ class Problem(Exception):
         self.headers: dict[str, str] = {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "type": PROBLEM_BASE + self.slug,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            **self.extra,
-        }
+        return problem_body(self.status, self.slug, self.title, self.detail, **self.extra)
 
 
 def problem_response(problem: Problem) -> JSONResponse:
@@ -56,15 +48,6 @@ def invalid(detail: str, **extra: Any) -> Problem:
     return Problem(422, "invalid", "Unprocessable request", detail, **extra)
 
 
-def _json_safe(errors: list[Any]) -> list[dict[str, Any]]:
-    out = []
-    for err in errors:
-        item = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
-        item["msg"] = str(item.get("msg", "")).removeprefix("Value error, ")
-        out.append(json.loads(json.dumps(item, default=str)))
-    return out
-
-
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -72,26 +55,8 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _json_safe(list(exc.errors()))
-        malformed = any(
-            e.get("type") in ("json_invalid", "model_attributes_type") for e in errors
-        ) or any(
-            e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors
-        )
-        if malformed:
-            return problem_response(
-                Problem(
-                    400,
-                    "malformed",
-                    "Malformed request",
-                    "the body is not a JSON object of the expected form",
-                    errors=errors,
-                )
-            )
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors
-        )
-        return problem_response(invalid(detail, errors=errors))
+        body = validation_problem(list(exc.errors()))
+        return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_JSON)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

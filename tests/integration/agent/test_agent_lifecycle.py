@@ -271,7 +271,16 @@ async def test_forward_endpoint_answers_409_stale_layout_for_experts_a_worker_do
         resp = await http.post(
             "/v1/deployments/moe/devices/9/forward", content=ok.model_dump_json(), headers=JSON
         )
-        assert resp.status_code == 404
+        assert resp.status_code == 404 and resp.json()["type"].endswith("/no-worker")
+        # bad bodies get the controller's problems: 400 malformed, 422 invalid naming fields
+        url = "/v1/deployments/moe/devices/0/forward"
+        resp = await http.post(url, content=b"{not json", headers=JSON)
+        assert resp.status_code == 400 and resp.json()["type"].endswith("/malformed")
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        resp = await http.post(url, json={"layer": 0})
+        assert resp.status_code == 422 and resp.json()["type"].endswith("/invalid")
+        assert resp.json()["detail"].startswith("generation: Field required"), resp.json()
+        assert resp.json()["errors"][0]["loc"] == ["body", "generation"]
         workers = (await http.get("/v1/workers")).json()["workers"]
         assert sorted((w["rank"], w["generation"], w["state"]) for w in workers) == [
             (0, 1, "serving"),
