@@ -61,7 +61,7 @@ def stream_events(deployment: str, since: int) -> Iterator[dict[str, Any]]:
                 if r.status_code >= 400:
                     r.read()
                     if r.status_code < 500:
-                        _fail(f"{r.status_code} {r.text}")  # a retry would get the same answer
+                        _fail(f"{r.status_code} {_detail(r)}")  # a retry would get the same answer
                     # a 5xx (the controller cannot reach etcd, say) is retried
                     if down != str(r.status_code):
                         err_console.print(
