@@ -42,3 +42,17 @@ def test_an_unreadable_stored_value_is_skipped() -> None:
     listing, seqs = _listing(3, 4)
     listing.snapshot["/eep/v1/events/ds/0"] = (b"not json", 6)
     assert [e.seq for e in _replayed(listing, None, 0)] == seqs
+
+
+def test_events_of_several_deployments_replay_in_the_order_they_were_written() -> None:
+    """The stream of every deployment: a listing's keys group events by deployment, but a
+    client resumes from the last event it got, so they are sent by time, not by key."""
+    snapshot: dict[str, tuple[bytes, int]] = {}
+    written = []
+    for revision, name in enumerate(["zeta", "alpha", "zeta", "alpha", "mid"], start=3):
+        event_id, event = make_event(name, "operation.phase", f"at {revision}")
+        snapshot[f"/eep/v1/events/{name}/{event_id}"] = (event.model_dump_json().encode(), revision)
+        written.append((event.seq, name))
+    listing = Resync(20, snapshot)
+    assert [(e.seq, e.deployment) for e in _replayed(listing, None, 0)] == written
+    assert [(e.seq, e.deployment) for e in _replayed(listing, 4, None)] == written[2:]

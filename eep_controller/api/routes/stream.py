@@ -97,21 +97,22 @@ def _parsed(raw: bytes) -> Event | None:
 
 
 def _replayed(listing: Resync, sent_revision: int | None, replay_after: int | None) -> list[Event]:
-    """What a listing adds to the stream, oldest first (event keys sort by seq). The first
-    listing (`sent_revision` None) adds the events after seq `replay_after`, or none without
-    it; a later one (after a compaction) adds those written after `sent_revision`."""
+    """What a listing adds to the stream, oldest first: by seq (the time it was written in
+    ns), across deployments too, so the last event a client got is the newest it was sent
+    and resuming after it misses none. The first listing (`sent_revision` None) adds the
+    events after seq `replay_after`, or none without it; a later one (after a compaction)
+    adds those written after `sent_revision`."""
     if sent_revision is None and replay_after is None:
         return []
-    out = []
-    for key in sorted(listing.snapshot):
-        raw, revision = listing.snapshot[key]
+    out: list[tuple[int, str, Event]] = []
+    for key, (raw, revision) in listing.snapshot.items():
         if sent_revision is not None and revision <= sent_revision:
             continue
         event = _parsed(raw)
         if event is None or (sent_revision is None and event.seq <= (replay_after or 0)):
             continue
-        out.append(event)
-    return out
+        out.append((event.seq, key, event))
+    return [event for _, _, event in sorted(out, key=lambda item: item[:2])]
 
 
 def _frame(event: Event) -> str:
