@@ -66,6 +66,10 @@ def test_a_lost_node_is_listed_with_the_ranks_it_still_holds(
     )
     assert sorted(n["node_id"] for n in nodes["items"]) == ["n1", "n2"]
     assert nodes["lost"] == [{"node_id": "n3", "ranks": {"rec": [4, 5]}}]
+    one = httpx.get(f"{url}/v1/nodes/n3")
+    assert one.status_code == 404 and one.json()["lost"] == nodes["lost"][0]
+    assert "no live agent lease; it still holds ranks" in one.json()["detail"]
+    assert "lost" not in httpx.get(f"{url}/v1/nodes/nope").json()
     # the gauge counts nodes (one), not the two ranks on it
     wait_for(
         lambda: 'eep_nodes{state="lost"} 1.0' in httpx.get(f"{url}/metrics").text,
