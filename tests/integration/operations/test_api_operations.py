@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -230,10 +232,10 @@ def test_layout_and_placement(api: httpx.Client) -> None:
     assert len(full["phy2log"]) == 4 and len(full["phy2log"][0]) == 32
 
 
-def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
-    api: httpx.Client, env: tuple[Proc, str, str]
-) -> None:
-    """`eepctl scale --wait && next-step` must not go on after an aborted operation."""
+@contextlib.contextmanager
+def _scale_waiting(api: httpx.Client, env: tuple[Proc, str, str]) -> Iterator[tuple[Proc, str]]:
+    """`eepctl scale ds --dp 5 --wait` running (no agents: the operation stays in
+    PREPARING), with the operation's id; stopped and the operation cancelled afterwards."""
     from tests.support.processes import BIN, start
 
     cancel_active(api)
@@ -245,12 +247,20 @@ def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
         active = wait_for(
             lambda: api.get("/v1/deployments/ds").json()["active_operation"], 20, what="the op"
         )
-        assert api.post(f"/v1/operations/{active}/cancel").status_code == 202
-        assert waiting.popen.wait(30) == 1, waiting.output()
-        assert f"operation {active} ABORTED" in waiting.output(), waiting.output()
+        yield waiting, active
     finally:
         waiting.stop()
         cancel_active(api)
+
+
+def test_eepctl_scale_wait_exits_non_zero_when_the_operation_aborts(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
+    """`eepctl scale --wait && next-step` must not go on after an aborted operation."""
+    with _scale_waiting(api, env) as (waiting, active):
+        assert api.post(f"/v1/operations/{active}/cancel").status_code == 202
+        assert waiting.popen.wait(30) == 1, waiting.output()
+        assert f"operation {active} ABORTED" in waiting.output(), waiting.output()
 
 
 def test_ctrl_c_on_eepctl_scale_wait_stops_watching_not_the_operation(
@@ -258,17 +268,7 @@ def test_ctrl_c_on_eepctl_scale_wait_stops_watching_not_the_operation(
 ) -> None:
     import signal
 
-    from tests.support.processes import BIN, start
-
-    cancel_active(api)
-    waiting = start(
-        "eepctl-scale-wait",
-        [str(BIN / "eepctl"), "--server", str(env[0].url), "scale", "ds", "--dp", "5", "--wait"],
-    )
-    try:
-        active = wait_for(
-            lambda: api.get("/v1/deployments/ds").json()["active_operation"], 20, what="the op"
-        )
+    with _scale_waiting(api, env) as (waiting, active):
         wait_for(lambda: "accepted" in waiting.output(), 20, what="the watch")
         waiting.signal(signal.SIGINT)
         assert waiting.popen.wait(30) == 130, waiting.output()
@@ -277,9 +277,6 @@ def test_ctrl_c_on_eepctl_scale_wait_stops_watching_not_the_operation(
         assert f"eepctl cancel {active}" in out and "Aborted" not in out, out
         assert api.get(f"/v1/operations/{active}").json()["state"] == "PREPARING"
         assert api.get("/v1/deployments/ds").json()["active_operation"] == active
-    finally:
-        waiting.stop()
-        cancel_active(api)
 
 
 def test_metrics_count_operations(api: httpx.Client) -> None:
