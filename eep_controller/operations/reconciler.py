@@ -22,6 +22,7 @@ from eep_controller.errors import EepError, InsufficientDevices
 from eep_controller.metrics import Metrics
 from eep_controller.operations.deployments import LockRecord, deployment_names
 from eep_controller.operations.events import add_event, record_event, trim_events
+from eep_controller.operations.history import trim_operations
 from eep_controller.operations.planning import lost_ranks, recover_dp
 from eep_controller.operations.service import create_operation
 from eep_controller.operations.state_machine import (
@@ -123,6 +124,7 @@ class Reconciler:
             self._last_trim = clock
             for name in names:
                 await trim_events(self.store, name, self.settings.operations.events_kept)
+                await trim_operations(self.store, name, self.settings.operations.history_kept)
 
     async def _reconcile_deployment(
         self, name: str, nodes: list[NodeInfo], live: frozenset[str], now: float | None
@@ -299,6 +301,7 @@ class Reconciler:
                 if effect.result == "succeeded":
                     self.metrics.bytes_moved.inc(effect.bytes_moved)
                     self._backoff.pop(name, None)
+                await trim_operations(self.store, name, self.settings.operations.history_kept)
         log.info("op %s: %s -> %s", new.id, got.value.state.value, new.state.value)
         return True
 

@@ -17,6 +17,7 @@ from eep_controller.actuators.native import read_acks
 from eep_controller.errors import ActiveOperation, Conflict, Invalid, NotFound
 from eep_controller.operations.deployments import LockRecord
 from eep_controller.operations.events import add_event
+from eep_controller.operations.history import operation_ids
 from eep_controller.operations.planning import (
     PlanInputs,
     PlannedOperation,
@@ -304,10 +305,7 @@ async def list_operations(
 ) -> dict[str, Any]:
     """Newest first; ``before`` is the id of the last item of the previous page."""
     await _read_spec_layout(store, name)
-    prefix = store.keys.ops(name)
-    ids = sorted(
-        {k[len(prefix) :].split("/")[0] for k in await store.list_keys(prefix)}, reverse=True
-    )
+    ids = list(reversed(await operation_ids(store, name)))
     if before is not None:
         ids = [i for i in ids if i < before]
     page = ids[:limit]
