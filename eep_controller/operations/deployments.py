@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from eep_controller.errors import ActiveOperation, Conflict, Invalid, NotFound
 from eep_controller.operations.events import newest_event
+from eep_controller.operations.history import outside_keys
 from eep_controller.protocol import ActuatorKind, DeploymentSpec, Layout, NodeInfo
 from eep_controller.store import EtcdStore
 
@@ -180,6 +181,8 @@ async def delete_deployment(store: EtcdStore, name: str) -> dict[str, Any]:
             f"deployment {name!r} has an active operation; cancel it or wait",
             active_operation=lock[0].op_id,
         )
+    # read first: the deployment's prefix goes in one transaction, these keys after it
+    outside = await outside_keys(store, name)
     txn = store.txn()
     store.require_revision(txn, keys.spec(name), spec.mod_revision)
     store.require_absent(txn, keys.lock(name))
@@ -187,4 +190,8 @@ async def delete_deployment(store: EtcdStore, name: str) -> dict[str, Any]:
     store.delete_op(txn, keys.events(name), prefix=True)
     if not await store.commit(txn):
         raise Conflict(f"deployment {name!r} changed while deleting it; retry")
+    # so a deployment made again under this name does not meet the old operations' ids or
+    # Idempotency-Keys (no operation can start in between: the spec is gone)
+    for key in outside:
+        await store.delete(key)
     return {"deleted": name}

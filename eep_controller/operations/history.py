@@ -14,8 +14,9 @@ async def operation_ids(store: EtcdStore, name: str) -> list[str]:
 
 async def trim_operations(store: EtcdStore, name: str, keep: int) -> int:
     """Delete the oldest finished operations beyond the newest `keep`, each with its acks,
-    rendezvous and id index, in one transaction per operation guarded by its revision (an
-    operation that is not finished, or changes meanwhile, stays). Returns how many went."""
+    rendezvous, id index and Idempotency-Key (a retry with that key after this makes a new
+    operation), in one transaction per operation guarded by its revision (an operation that
+    is not finished, or changes meanwhile, stays). Returns how many went."""
     ids = await operation_ids(store, name)
     gone = 0
     for op_id in ids[: max(0, len(ids) - keep)]:
@@ -28,6 +29,20 @@ async def trim_operations(store: EtcdStore, name: str, keep: int) -> int:
         store.delete_op(txn, store.keys.op(name, op_id))
         store.delete_op(txn, store.keys.op_children(name, op_id), prefix=True)
         store.delete_op(txn, store.keys.op_index(op_id))
+        if got is not None and got.value.idempotency_key is not None:
+            store.delete_op(txn, store.keys.idempotency(got.value.idempotency_key))
         if await store.commit(txn):
             gone += 1
     return gone
+
+
+async def outside_keys(store: EtcdStore, name: str) -> list[str]:
+    """The keys of the deployment's operations that live outside its own prefix: each
+    operation's id index and Idempotency-Key."""
+    out = []
+    for op_id in await operation_ids(store, name):
+        out.append(store.keys.op_index(op_id))
+        got = await store.get(store.keys.op(name, op_id), Operation)
+        if got is not None and got.value.idempotency_key is not None:
+            out.append(store.keys.idempotency(got.value.idempotency_key))
+    return out
