@@ -26,8 +26,9 @@ HEARTBEAT_S = 15.0
     summary="Live event stream (text/event-stream); each event's id is its seq",
     description=(
         "Events as they are written. With `since` (or the `Last-Event-ID` header an "
-        "EventSource sends when it reconnects) the stored events after that seq come "
-        "first, oldest first, so a client that reconnects misses none still kept."
+        "EventSource sends when it reconnects, or the `lastEventId` query parameter that "
+        "EventSource polyfills send instead) the stored events after that seq come first, "
+        "oldest first, so a client that reconnects misses none still kept."
     ),
     response_class=StreamingResponse,
 )
@@ -38,10 +39,13 @@ async def stream(
         int | None, Query(ge=0, description="replay stored events after this seq")
     ] = None,
     last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    last_event_id_param: Annotated[int | None, Query(alias="lastEventId", ge=0)] = None,
 ) -> StreamingResponse:
     store = request.app.state.ctx.store
     prefix = store.keys.events(deployment) if deployment else store.keys.events_root()
-    replay_after = since if since is not None else last_event_id
+    replay_after = next(
+        (p for p in (since, last_event_id, last_event_id_param) if p is not None), None
+    )
     # listed before the response starts (etcd down: a 503 problem, not a broken stream), so an
     # event written once a client has the response is always streamed to it
     listing = Resync(*await store.snapshot(prefix))

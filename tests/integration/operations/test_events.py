@@ -93,7 +93,12 @@ def test_sse_stream_replays_the_events_after_since_or_last_event_id(
     assert len(mine) >= 2
     since = mine[0]["seq"]
     after = [e["seq"] for e in stored if e["seq"] > since]
-    for kwargs in ({"since": since}, {"headers": {"Last-Event-ID": str(since)}}):
+    # EventSource polyfills send the resume point as a lastEventId query parameter
+    for kwargs in (
+        {"since": since},
+        {"headers": {"Last-Event-ID": str(since)}},
+        {"lastEventId": since},
+    ):
         got = _sse_events(url, len(after), deployment="ds", **kwargs)
         assert [e["seq"] for e in got] == after
         assert [e["frame_id"] for e in got] == after  # the id a client resumes from
@@ -114,7 +119,12 @@ def test_sse_stream_replays_the_events_after_since_or_last_event_id(
 
 @pytest.mark.parametrize(
     ("params", "headers"),
-    [({"since": "-1"}, {}), ({"since": "x"}, {}), ({}, {"Last-Event-ID": "not-a-seq"})],
+    [
+        ({"since": "-1"}, {}),
+        ({"since": "x"}, {}),
+        ({}, {"Last-Event-ID": "not-a-seq"}),
+        ({"lastEventId": "-3"}, {}),
+    ],
 )
 def test_sse_stream_refuses_a_bad_resume_point(
     env: tuple[Proc, str, str], params: dict[str, str], headers: dict[str, str]

@@ -23,7 +23,7 @@ def test_finished_operations_beyond_history_kept_are_deleted_oldest_first(
     proc = start_controller(etcd_server.endpoint, prefix, env={"EEP_OPERATIONS_HISTORY_KEPT": "2"})
     try:
         with httpx.Client(base_url=str(proc.url), timeout=30) as api:
-            made = []
+            made: list[str] = []
             for dp in (5, 6, 5, 6):
                 key = {"Idempotency-Key": "first"} if not made else {}
                 r = api.post("/v1/deployments/ds/scale", json={"dp_size": dp}, headers=key)
