@@ -2,7 +2,9 @@
 
 A client that writes ``POST .../scale?dry_run=true`` means a dry run; ignoring the unknown
 parameter would start a real operation. Every route's known parameters are the query
-parameters FastAPI collects from its signature and its dependencies.
+parameters FastAPI collects from its signature and its dependencies. Health checks and
+Prometheus scrapes are not checked: load balancers and scrapers may add parameters of their
+own (a cache buster, a `name[]` filter).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from fastapi.routing import APIRoute
 
 from eep_controller.api.problems import invalid
 
+# Only the API's routes are checked; infrastructure endpoints stay lenient.
+API_PREFIX = "/v1/"
 _known: dict[int, frozenset[str]] = {}
 
 
@@ -33,8 +37,8 @@ def _known_params(route: APIRoute) -> frozenset[str]:
 async def known_query_params(request: Request) -> None:
     """An app-wide dependency: a 422 problem naming the query parameters the route lacks."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
-        return
+    if not isinstance(route, APIRoute) or not route.path.startswith(API_PREFIX):
+        return  # probes and scrapers (/healthz, /readyz, /metrics) may add their own
     known = _known_params(route)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
