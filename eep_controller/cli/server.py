@@ -86,6 +86,7 @@ def serve(
 ) -> None:
     """Run the controller (and the embedded etcd when no endpoints are configured)."""
     from eep_controller.cli.runtime import ControllerRuntime
+    from eep_controller.store import DataDirInUse
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,7 +96,11 @@ def serve(
     def ready(url: str) -> None:
         print(f"eep controller ready at {url}  (API docs {url}/docs)", flush=True)
 
-    asyncio.run(ControllerRuntime(settings, on_ready=ready).run())
+    try:
+        asyncio.run(ControllerRuntime(settings, on_ready=ready).run())
+    except DataDirInUse as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("config")

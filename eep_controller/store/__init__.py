@@ -9,7 +9,7 @@ from eep_controller.store.client import (
     Versioned,
     connection_from_settings,
 )
-from eep_controller.store.embedded import EmbeddedEtcd, free_port
+from eep_controller.store.embedded import DataDirInUse, EmbeddedEtcd, free_port
 from eep_controller.store.keys import KeySpace
 from eep_controller.store.leader import LeaderElection, LeaderRecord
 from eep_controller.store.lease import KeptLease
@@ -18,6 +18,7 @@ from eep_controller.store.watch import PrefixWatch, Resync, WatchEvent
 
 __all__ = [
     "CorruptValue",
+    "DataDirInUse",
     "EmbeddedEtcd",
     "EtcdConnection",
     "EtcdStore",

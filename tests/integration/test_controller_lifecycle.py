@@ -16,6 +16,7 @@ import httpx
 from eep_controller.store import EmbeddedEtcd, free_port
 from tests.support.processes import (
     BIN,
+    Proc,
     pid_running,
     sigterm_held_past_bound,
     start,
@@ -51,6 +52,48 @@ def test_serve_without_endpoints_runs_embedded_etcd_and_stops_it_on_sigterm(
     assert "external etcd cluster" in proc.output()
     assert proc.stop(timeout=45) == 0, proc.output()[-4000:]
     wait_for(lambda: not pid_running(etcd_pid), 10, what="embedded etcd to exit")
+
+
+def _serve_embedded(data_dir: Path, prefix: str) -> Proc:
+    return start(
+        "controller",
+        [str(BIN / "eep-controller"), "serve", "--port", "0", "--data-dir", str(data_dir)],
+        {"EEP_ETCD_PREFIX": prefix, "EEP_ELECTION_LEASE_TTL_S": "2"},
+    )
+
+
+def test_a_killed_controllers_embedded_etcd_is_stopped_when_it_starts_again(
+    tmp_path: Path, prefix: str
+) -> None:
+    """SIGKILL leaves the embedded etcd running on the data dir (the controller cannot stop
+    it); the next controller on that data dir stops the leftover by its recorded pid and
+    starts its own on the same data, instead of timing out on the data dir's lock. A second
+    controller while the first still runs is refused with a clear message."""
+    data = tmp_path / "etcd"
+    first = _serve_embedded(data, prefix)
+    url = first.wait_ready()
+    etcd_pid = int(
+        wait_for(
+            lambda: re.search(r"embedded etcd .* pid (\d+)", first.output()), 5, what="pid"
+        ).group(1)
+    )
+    spec = _spec("kept")
+    assert httpx.post(f"{url}/v1/deployments", json=spec).status_code == 201
+    second = _serve_embedded(data, prefix)
+    assert second.popen.wait(30) == 1, second.output()
+    assert "is in use by process" in second.output() and "Traceback" not in second.output()
+    assert pid_running(etcd_pid)  # the first one's etcd was left alone
+    first.kill9()
+    assert pid_running(etcd_pid)  # orphaned: nobody stopped it
+    again = _serve_embedded(data, prefix)
+    try:
+        url = again.wait_ready(45)
+        assert f"stopping etcd pid {etcd_pid} left running" in again.output()
+        assert not pid_running(etcd_pid)
+        assert httpx.get(f"{url}/v1/deployments/kept").status_code == 200  # same data
+    finally:
+        assert again.stop(timeout=45) == 0, again.output()[-3000:]
+    assert not (tmp_path / "etcd.pid").exists()
 
 
 def test_serve_stops_embedded_etcd_on_sigint_too(tmp_path: Path, prefix: str) -> None:
