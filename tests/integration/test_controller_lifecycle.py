@@ -70,30 +70,37 @@ def test_a_killed_controllers_embedded_etcd_is_stopped_when_it_starts_again(
     starts its own on the same data, instead of timing out on the data dir's lock. A second
     controller while the first still runs is refused with a clear message."""
     data = tmp_path / "etcd"
-    first = _serve_embedded(data, prefix)
-    url = first.wait_ready()
-    etcd_pid = int(
-        wait_for(
-            lambda: re.search(r"embedded etcd .* pid (\d+)", first.output()), 5, what="pid"
-        ).group(1)
-    )
-    spec = _spec("kept")
-    assert httpx.post(f"{url}/v1/deployments", json=spec).status_code == 201
-    second = _serve_embedded(data, prefix)
-    assert second.popen.wait(30) == 1, second.output()
-    assert "is in use by process" in second.output() and "Traceback" not in second.output()
-    assert pid_running(etcd_pid)  # the first one's etcd was left alone
-    first.kill9()
-    assert pid_running(etcd_pid)  # orphaned: nobody stopped it
-    again = _serve_embedded(data, prefix)
+    started: list[Proc] = []
     try:
+        first = _serve_embedded(data, prefix)
+        started.append(first)
+        url = first.wait_ready()
+        found = wait_for(
+            lambda: re.search(r"embedded etcd .* pid (\d+)", first.output()), 5, what="pid"
+        )
+        etcd_pid = int(found.group(1))
+        assert httpx.post(f"{url}/v1/deployments", json=_spec("kept")).status_code == 201
+        second = _serve_embedded(data, prefix)
+        started.append(second)
+        assert second.popen.wait(30) == 1, second.output()
+        assert "is in use by process" in second.output() and "Traceback" not in second.output()
+        assert pid_running(etcd_pid)  # the first one's etcd was left alone
+        first.kill9()
+        assert pid_running(etcd_pid)  # orphaned: nobody stopped it
+        again = _serve_embedded(data, prefix)
+        started.append(again)
         url = again.wait_ready(45)
         assert f"stopping etcd pid {etcd_pid} left running" in again.output()
         assert not pid_running(etcd_pid)
         assert httpx.get(f"{url}/v1/deployments/kept").status_code == 200  # same data
-    finally:
         assert again.stop(timeout=45) == 0, again.output()[-3000:]
-    assert not (tmp_path / "etcd.pid").exists()
+        assert not (tmp_path / "etcd.pid").exists()
+    finally:
+        for proc in started:
+            proc.stop()
+        # an etcd a failed run left behind (the first one's, orphaned) is stopped by its pid
+        leftover = EmbeddedEtcd(data).stop_leftover()
+        assert leftover is None or not pid_running(leftover)
 
 
 def test_serve_stops_embedded_etcd_on_sigint_too(tmp_path: Path, prefix: str) -> None:
