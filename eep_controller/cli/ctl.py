@@ -73,19 +73,24 @@ def request(method: str, path: str, **kw: Any) -> Any:
     except httpx.HTTPError as exc:
         _fail(f"cannot reach {opts.server}: {exc}")
     if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            detail = body.get("detail") or body.get("title") or resp.text
-            extra = {
-                k: v
-                for k, v in body.items()
-                if k not in ("type", "title", "status", "detail", "errors")
-            }
-        except ValueError:
-            detail, extra = resp.text, {}
-        suffix = "".join(f"\n  {k}: {v}" for k, v in extra.items())
-        _fail(f"{resp.status_code} {detail}{suffix}")
+        _fail(f"{resp.status_code} {problem_text(resp)}")
     return resp.json() if resp.content else None
+
+
+def problem_text(resp: httpx.Response) -> str:
+    """A problem+json answer as text: its detail (else title), then its extra fields one
+    per line; an answer that is not JSON as it came."""
+    try:
+        body = resp.json()
+        detail = body.get("detail") or body.get("title") or resp.text
+        extra = {
+            k: v
+            for k, v in body.items()
+            if k not in ("type", "title", "status", "detail", "errors")
+        }
+    except ValueError:
+        detail, extra = resp.text, {}
+    return str(detail) + "".join(f"\n  {k}: {v}" for k, v in extra.items())
 
 
 def emit(data: Any, output: Output, table: RenderableType | None) -> None:

@@ -22,6 +22,7 @@ from eep_controller.cli.ctl import (
     emit,
     err_console,
     opts,
+    problem_text,
     request,
 )
 from eep_controller.cli.output import local_time
@@ -61,11 +62,13 @@ def stream_events(deployment: str, since: int) -> Iterator[dict[str, Any]]:
                 if r.status_code >= 400:
                     r.read()
                     if r.status_code < 500:
-                        _fail(f"{r.status_code} {_detail(r)}")  # a retry would get the same answer
+                        _fail(
+                            f"{r.status_code} {problem_text(r)}"
+                        )  # a retry would get the same answer
                     # a 5xx (the controller cannot reach etcd, say) is retried
                     if down != str(r.status_code):
                         err_console.print(
-                            f"event stream unavailable ({r.status_code} {_detail(r)}); retrying",
+                            f"event stream unavailable ({r.status_code} {problem_text(r)}); retrying",
                             markup=False,
                         )
                         down = str(r.status_code)
@@ -83,14 +86,6 @@ def stream_events(deployment: str, since: int) -> Iterator[dict[str, Any]]:
                 err_console.print(f"event stream lost ({exc}); reconnecting", markup=False)
                 down = type(exc).__name__
         time.sleep(RECONNECT_S)
-
-
-def _detail(response: httpx.Response) -> str:
-    """A problem+json answer's detail, else its text."""
-    try:
-        return str(response.json().get("detail") or response.text)
-    except ValueError:
-        return response.text
 
 
 @app.command()

@@ -41,11 +41,11 @@ def _settings(
             f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']} (got {e['input']!r})"
             for e in exc.errors()
         )
-        _config_error(
+        _exit_with(
             f"invalid configuration: {problems} (from the EEP_* environment or the config file)"
         )
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        _config_error(f"cannot read the configuration: {exc}")
+        _exit_with(f"cannot read the configuration: {exc}")
     if etcd is not None:
         settings.etcd.endpoints = [e.strip() for e in etcd.split(",") if e.strip()]
     if host is not None:
@@ -59,9 +59,10 @@ def _settings(
     return settings
 
 
-def _config_error(message: str) -> NoReturn:
+def _exit_with(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, no traceback; exit code 2 for configuration errors."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file", envvar="EEP_CONFIG")
@@ -99,8 +100,7 @@ def serve(
     try:
         asyncio.run(ControllerRuntime(settings, on_ready=ready).run())
     except DataDirInUse as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _exit_with(str(exc), 1)
 
 
 @app.command("config")

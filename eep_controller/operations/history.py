@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eep_controller.protocol import Operation
-from eep_controller.store import EtcdStore
+from eep_controller.store import EtcdStore, Versioned
 
 
 async def operation_ids(store: EtcdStore, name: str) -> list[str]:
@@ -28,21 +28,25 @@ async def trim_operations(store: EtcdStore, name: str, keep: int) -> int:
             store.require_revision(txn, got.key, got.mod_revision)
         store.delete_op(txn, store.keys.op(name, op_id))
         store.delete_op(txn, store.keys.op_children(name, op_id), prefix=True)
-        store.delete_op(txn, store.keys.op_index(op_id))
-        if got is not None and got.value.idempotency_key is not None:
-            store.delete_op(txn, store.keys.idempotency(got.value.idempotency_key))
+        for key in _keys_outside(store, op_id, got):
+            store.delete_op(txn, key)
         if await store.commit(txn):
             gone += 1
     return gone
 
 
 async def outside_keys(store: EtcdStore, name: str) -> list[str]:
-    """The keys of the deployment's operations that live outside its own prefix: each
-    operation's id index and Idempotency-Key."""
+    """The keys of the deployment's operations that live outside its own prefix."""
     out = []
     for op_id in await operation_ids(store, name):
-        out.append(store.keys.op_index(op_id))
         got = await store.get(store.keys.op(name, op_id), Operation)
-        if got is not None and got.value.idempotency_key is not None:
-            out.append(store.keys.idempotency(got.value.idempotency_key))
+        out += _keys_outside(store, op_id, got)
     return out
+
+
+def _keys_outside(store: EtcdStore, op_id: str, got: Versioned[Operation] | None) -> list[str]:
+    """An operation's id index and, when it has one, its Idempotency-Key."""
+    keys = [store.keys.op_index(op_id)]
+    if got is not None and got.value.idempotency_key is not None:
+        keys.append(store.keys.idempotency(got.value.idempotency_key))
+    return keys

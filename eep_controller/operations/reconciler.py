@@ -124,7 +124,6 @@ class Reconciler:
             self._last_trim = clock
             for name in names:
                 await trim_events(self.store, name, self.settings.operations.events_kept)
-                await trim_operations(self.store, name, self.settings.operations.history_kept)
 
     async def _reconcile_deployment(
         self, name: str, nodes: list[NodeInfo], live: frozenset[str], now: float | None
