@@ -7,7 +7,7 @@ import numpy.typing as npt
 
 from eep_controller.planner.packing import count_replicas, fill_empty, fill_lpt, slot_weights
 from eep_controller.planner.refinement import pair_swaps, refine
-from eep_controller.planner.replication import filler_counts, greedy_counts
+from eep_controller.planner.replication import even_counts, filler_counts, greedy_counts
 from eep_controller.planner.validation import (
     BoolArray,
     FloatArray,
@@ -158,8 +158,11 @@ def _cannot_reach(
     return out
 
 
-def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntArray:
-    """Plan every row of `weight` [B, E] independently; returns [B, R, S]."""
+def plan_batch(
+    weight: FloatArray, num_ranks: int, slots_per_rank: int, *, even_tied: bool = True
+) -> IntArray:
+    """Plan every row of `weight` [B, E] independently; returns [B, R, S]. With `even_tied`,
+    layers of equal loads may take counts that fill every rank exactly (`_even_out_tied`)."""
     batch = weight.shape[0]
     total = num_ranks * slots_per_rank
     greedy = greedy_counts(weight, total, num_ranks)
@@ -171,6 +174,8 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
     if hopeful.size:
         best[hopeful] = pack_scratch(weight[hopeful], greedy[hopeful], num_ranks, slots_per_rank)
         score[hopeful] = layer_balancedness(best[hopeful], weight[hopeful])
+    if even_tied:
+        _even_out_tied(best, score, weight, num_ranks, slots_per_rank)
     weak = np.flatnonzero(score < SEARCH_BELOW)
     # counts already packed per layer: packing is deterministic, so packing the same counts
     # again gives the same plan and is skipped
@@ -241,6 +246,29 @@ def plan_batch(weight: FloatArray, num_ranks: int, slots_per_rank: int) -> IntAr
         max_steps=REFINE_STEPS,
         min_gain=REFINE_MIN_GAIN,
     )
+
+
+def _even_out_tied(
+    best: IntArray, score: FloatArray, weight: FloatArray, num_ranks: int, slots: int
+) -> None:
+    """Layers whose experts all carry the same (non-zero) load and whose plan
+    falls short of perfect balance take `even_counts` (`best` and `score` updated in place).
+    A deployment with no load window yet is planned on equal loads, and there the greedy's
+    counts (every tied expert alike) leave some shapes at 0.9697: 256 experts on 48 ranks
+    of 6 or 9 slots, 16 on 3 ranks of 8. Layers that balance then skip the search."""
+    tied = np.flatnonzero(
+        (weight.min(axis=1) == weight.max(axis=1)) & (weight[:, 0] > 0) & (score < 1 - 1e-9)
+    )
+    counts = even_counts(weight.shape[1], num_ranks, slots) if tied.size else None
+    if counts is None:
+        return
+    # replica i of the count-ordered list goes to rank i mod R, slot i // R: every count's
+    # replicas fill whole rounds of R (R * a_k of them), so each rank gets a_k of each, and
+    # an expert's k <= R consecutive replicas land on k different ranks
+    replicas = np.repeat(np.arange(counts.size), counts)
+    dealt = replicas.reshape(slots, num_ranks).T
+    best[tied] = dealt
+    score[tied] = layer_balancedness(best[tied], weight[tied])
 
 
 def _finer_counts(weight: FloatArray, num_ranks: int, slots: int) -> IntArray:

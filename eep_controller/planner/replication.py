@@ -137,3 +137,58 @@ def filler_counts(
     fallback = greedy_counts(weight[~fits], total_slots, max_count)
     counts[~fits] = fallback
     return counts
+
+
+def even_counts(num_experts: int, num_ranks: int, slots: int) -> IntArray | None:
+    """Counts [E] that let experts of equal load fill every rank to exactly its share, or
+    None when no counts up to `num_ranks` do.
+
+    With equal loads a replica of an expert with k replicas weighs 1/k, so a rank holding
+    a_k replicas of each count k carries sum(a_k / k). Counts whose replicas give every rank
+    the same a_k (S slots, and E / R load each) balance perfectly, and packing in rounds of
+    R finds that packing. The greedy gives every tied expert the same count, which at
+    16 experts on 3 ranks of 8 slots leaves only halves and wholes (a rank's 16/3 cannot be
+    reached: 0.9697); 4 experts with 3 replicas and 12 with 1 reach it. Each count k used
+    needs R * a_k / k experts (a whole number); among the solutions, the one with the
+    smallest largest count is chosen, and the lowest expert ids get the most replicas, as
+    in the greedy.
+    """
+    if num_experts < 1 or num_ranks < 1 or slots < 1:
+        return None
+    # reach[k][s, e]: with counts 1..k, s slots of a rank and e experts can be filled;
+    # per count, a_k is how many slots of every rank hold a replica of a k-replica expert
+    reach = np.zeros((slots + 1, num_experts + 1), dtype=bool)
+    reach[0, 0] = True
+    stages = [reach]
+    for k in range(1, num_ranks + 1):
+        prev, now = stages[-1], stages[-1].copy()
+        for a in range(1, slots + 1):
+            if (num_ranks * a) % k:
+                continue
+            m = num_ranks * a // k
+            if m > num_experts:
+                break
+            now[a:, m:] |= prev[: slots + 1 - a, : num_experts + 1 - m]
+        stages.append(now)
+        if now[slots, num_experts]:
+            break
+    else:
+        return None
+    # walk back from the largest count, taking for each count the most slots that still
+    # leaves the rest reachable with smaller counts
+    per_count: list[int] = []
+    s, e = slots, num_experts
+    for k in range(len(stages) - 1, 0, -1):
+        prev = stages[k - 1]
+        for a in range(s, -1, -1):
+            if (num_ranks * a) % k:
+                continue
+            m = num_ranks * a // k
+            if m <= e and prev[s - a, e - m]:
+                per_count.append(num_ranks * a // k)
+                s, e = s - a, e - m
+                break
+    counts = np.repeat(
+        np.arange(len(stages) - 1, 0, -1, dtype=np.int64), np.array(per_count, dtype=np.int64)
+    )
+    return counts

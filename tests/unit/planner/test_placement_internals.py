@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eep_controller.planner import balancedness, placement, plan_placement
+from eep_controller.planner import balancedness, placement, plan_placement, plan_rescale
 from eep_controller.planner.packing import (
     _heaviest_first,
     count_replicas,
@@ -16,7 +16,12 @@ from eep_controller.planner.packing import (
     separate_duplicates,
 )
 from eep_controller.planner.placement import _cannot_reach, layer_balancedness, pack_scratch
-from eep_controller.planner.replication import _counts_above, filler_counts, greedy_counts
+from eep_controller.planner.replication import (
+    _counts_above,
+    even_counts,
+    filler_counts,
+    greedy_counts,
+)
 from tests.unit.planner.planner_checks import distinct_per_rank, zipf_load
 
 
@@ -261,3 +266,46 @@ def test_counts_above_match_the_greedys_own_division() -> None:
     estimate = np.minimum(np.ceil(weight * inverse[:, None]) - 1, cap - 1)
     # the set-up reaches both corrections
     assert (estimate > above).any() and (estimate < above).any()
+
+
+@pytest.mark.parametrize(
+    ("experts", "ranks", "slots"), [(16, 3, 8), (256, 48, 6), (256, 48, 9), (64, 6, 12), (3, 8, 2)]
+)
+def test_equal_loads_fill_every_rank_exactly(experts: int, ranks: int, slots: int) -> None:
+    # the greedy gives every tied expert the same count: these shapes balanced 0.9697
+    # (0.9375 at 3 experts on 8 ranks of 2), where other counts fill each rank exactly
+    load = np.full((3, experts), 5.0)
+    plan = plan_placement(load, ranks, slots)
+    assert balancedness(plan, load) == pytest.approx(1.0, abs=1e-12)
+    assert distinct_per_rank(plan.by_rank())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(1, 12))
+def test_even_counts_give_every_rank_its_share(experts: int, ranks: int, slots: int) -> None:
+    slots = min(slots, experts)
+    counts = even_counts(experts, ranks, slots)
+    if ranks * slots < experts or counts is None:
+        return
+    assert counts.shape == (experts,) and counts.sum() == ranks * slots
+    assert counts.min() >= 1 and counts.max() <= ranks
+    load = np.ones((1, experts))
+    assert balancedness(plan_placement(load, ranks, slots), load) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_even_counts_none_when_no_counts_fill_ranks_alike() -> None:
+    # 35 experts on 4 ranks of 9: a rank holds 8.75 experts' load in 9 slots, and any split
+    # replica takes at least half an expert off a rank
+    assert even_counts(35, 4, 9) is None
+    load = np.ones((1, 35))
+    assert balancedness(plan_placement(load, 4, 9), load) == pytest.approx(35 / 36)
+
+
+def test_rescale_of_equal_loads_is_not_evened_out_afresh() -> None:
+    # equal loads stand in for a missing load window: the rescale keeps its sticky plan
+    # (0.9697 at 16 experts on 3 ranks of 8, 20 copies) rather than rewrite most slots for
+    # an even one (48 copies)
+    load = np.ones((4, 16))
+    plan = plan_rescale(plan_placement(load, 4, 8), load, 3)
+    assert plan.stats["copies"] <= 24
+    assert plan.stats["balancedness_after"] == pytest.approx(32 / 33)
