@@ -52,6 +52,10 @@ class OpIndexRecord(BaseModel):
     deployment: str
 
 
+# what `new_op_id` makes; a list's `before` cursor must look like one
+OP_ID_PATTERN = r"^op-[0-9a-f]{12}-[0-9a-f]{6}$"
+
+
 def new_op_id(now: float | None = None) -> str:
     """Ids sort by creation time: ``op-<ms since epoch, hex>-<random>``."""
     ms = int((now if now is not None else time.time()) * 1000)
@@ -303,7 +307,8 @@ async def get_operation(store: EtcdStore, op_id: str) -> dict[str, Any]:
 async def list_operations(
     store: EtcdStore, name: str, limit: int, before: str | None
 ) -> dict[str, Any]:
-    """Newest first; ``before`` is the id of the last item of the previous page."""
+    """Newest first; ``before`` is the id of the last item of the previous page. Ids sort
+    by creation time, so an id no longer kept (history trimmed) still pages on from there."""
     await _read_spec_layout(store, name)
     ids = list(reversed(await operation_ids(store, name)))
     if before is not None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from eep_controller.api.auth import Principal, admin, reader
 from eep_controller.operations.service import (
+    OP_ID_PATTERN,
     cancel_operation,
     create_operation,
     get_operation,
@@ -83,6 +84,9 @@ async def history(
     name: str,
     request: Request,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    before: Annotated[str | None, Query(max_length=64)] = None,
+    before: Annotated[
+        str | None,
+        Query(pattern=OP_ID_PATTERN, description="the last id of the previous page"),
+    ] = None,
 ) -> dict[str, Any]:
     return await list_operations(request.app.state.ctx.store, name, limit, before)

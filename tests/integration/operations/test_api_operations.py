@@ -211,6 +211,10 @@ def test_operation_resource_cancel_and_history(
     assert hist["next"]
     page2 = api.get(hist["next"]).json()
     assert page2["items"] and page2["items"][0]["id"] < op["id"]
+    # a cursor that is no operation id at all is refused, not read as "nothing before it"
+    bad = api.get("/v1/deployments/ds/operations", params={"before": "yesterday"})
+    assert bad.status_code == 422 and "before" in bad.json()["detail"], bad.json()
+    assert bad.headers["content-type"] == "application/problem+json"
     events = api.get("/v1/deployments/ds/events", params={"op_id": op["id"]}).json()["items"]
     types = [e["type"] for e in events]
     assert (
