@@ -369,12 +369,14 @@ class OpDriver:
         longest = 600.0 if spec is None else spec.deadlines.transferring_s
         return longest + 30.0
 
-    async def load_committed(self, deployment: str, device_index: int) -> None:
-        """Start (or restart) the worker of a committed rank from the checkpoint; it serves without a group."""
+    async def load_committed(self, deployment: str, device_index: int) -> tuple[int, int] | None:
+        """Start (or restart) the worker of a committed rank from the checkpoint; it serves
+        without a group. Returns (rank, generation), or None when the device holds no
+        committed rank (any more)."""
         spec = self.view.spec(deployment)
         layout = self.view.layout(deployment)
         if spec is None or layout is None:
-            return
+            return None
         ranks = [
             i
             for i, r in enumerate(layout.ranks)
@@ -382,23 +384,29 @@ class OpDriver:
         ]
         placement = layout.phy2log()
         if not ranks or placement is None:
-            return
+            return None
         rank = ranks[0]
         shape = expert_shape(spec)
         handle = await self.pool.start(
             self._identity(deployment, device_index), timeout_s=WORKER_START_S
         )
         handle.record.state = "loading"
-        await handle.call(
-            Load(
-                shape,
-                spec.checkpoint,
-                new_slots_of(placement, rank, shape.slots),
-                layout.generation,
-                rank,
-            ),
-            WORKER_START_S,
-        )
+        try:
+            await handle.call(
+                Load(
+                    shape,
+                    spec.checkpoint,
+                    new_slots_of(placement, rank, shape.slots),
+                    layout.generation,
+                    rank,
+                ),
+                WORKER_START_S,
+            )
+        except BaseException:
+            # a worker that holds nothing must not stay in the pool looking alive: the
+            # reconciler restarts only missing or dead workers, so it would never serve
+            await self.pool.stop(deployment, device_index, handle)
+            raise
         handle.record.rank, handle.record.generation, handle.record.state = (
             rank,
             layout.generation,
@@ -408,3 +416,4 @@ class OpDriver:
             "worker for %s rank %d (device %d) reloaded from the checkpoint; it has no active group until the next operation",
             deployment, rank, device_index,
         )  # fmt: skip
+        return rank, layout.generation

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -18,11 +19,24 @@ from typing import Any
 from eep_agent.op_driver import OpDriver, fenced
 from eep_agent.worker_pool import WorkerHandle
 from eep_controller.protocol import ACKED_PHASES, Operation, OpState
+from eep_controller.store.audit import record_event
 from eep_controller.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 5.0
+
+
+def exit_text(code: int | None) -> str:
+    """How a worker process ended: "exited (code 1)", "was killed (SIGKILL)"."""
+    if code is None:
+        return "exited"
+    if code < 0:
+        try:
+            return f"was killed ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed (signal {-code})"
+    return f"exited (code {code})"
 
 
 class NodeReconciler:
@@ -35,6 +49,7 @@ class NodeReconciler:
         self._started: set[tuple[str, str, int]] = set()
         self._aborted: set[str] = set()
         self._last_restart: dict[tuple[str, int], float] = {}
+        self._failed: dict[tuple[str, int], str] = {}  # the last restart error per device
 
     def _spawn(self, key: tuple[Any, ...], coro: Coroutine[Any, Any, None]) -> None:
         if key in self._tasks:
@@ -183,9 +198,49 @@ class NodeReconciler:
 
     async def _restart_task(self, deployment: str, index: int) -> None:
         handle = self.pool.get(deployment, index)
+        where = f"device {index} of {self.node_id}"
         if handle is not None and not handle.alive:
+            cause = f"its worker (pid {handle.pid}) {exit_text(handle.exitcode)}"
+            if handle.record.rank is not None:
+                where = f"rank {handle.record.rank} ({where})"
             await self.pool.stop(deployment, index, handle)
-        await self.driver.load_committed(deployment, index)
+        else:
+            cause = "it had no worker running (the agent started without one)"
+        try:
+            loaded = await self.driver.load_committed(deployment, index)
+        except Exception as exc:
+            # retried every RESTART_BACKOFF_S: recorded once per distinct error, not per try
+            if self._failed.get((deployment, index)) != str(exc):
+                self._failed[(deployment, index)] = str(exc)
+                await self._record(
+                    deployment,
+                    "worker.restart_failed",
+                    f"{where}: {cause}; starting another from the checkpoint failed: {exc}",
+                    {"node_id": self.node_id, "device_index": index, "error": str(exc)},
+                )
+            raise
+        self._failed.pop((deployment, index), None)
+        if loaded is None:
+            return
+        rank, generation = loaded
+        await self._record(
+            deployment,
+            "worker.restarted",
+            f"rank {rank} (device {index} of {self.node_id}): {cause}; restarted from the "
+            f"checkpoint at generation {generation}",
+            {"node_id": self.node_id, "device_index": index, "rank": rank,
+             "generation": generation},
+        )  # fmt: skip
+
+    async def _record(
+        self, deployment: str, type_: str, message: str, data: dict[str, Any]
+    ) -> None:
+        """An audit event for what only this node saw; a failure to write it is logged, and
+        the restart it records stands."""
+        try:
+            await record_event(self.driver.store, deployment, type_, message, data)
+        except Exception as exc:
+            log.warning("could not record %s for %s: %s", type_, deployment, exc)
 
     async def shutdown(self) -> None:
         await cancel_and_wait(list(self._tasks.values()))

@@ -21,7 +21,7 @@ from eep_controller.config import Settings
 from eep_controller.errors import EepError, InsufficientDevices
 from eep_controller.metrics import Metrics
 from eep_controller.operations.deployments import LockRecord, deployment_names
-from eep_controller.operations.events import add_event, record_event, trim_events
+from eep_controller.operations.events import trim_events
 from eep_controller.operations.history import trim_operations
 from eep_controller.operations.planning import lost_ranks, recover_dp
 from eep_controller.operations.service import create_operation
@@ -48,6 +48,7 @@ from eep_controller.protocol import (
     ScaleRequest,
 )
 from eep_controller.store import EtcdStore, RepeatedFailure, StoreUnavailable, Versioned
+from eep_controller.store.audit import add_event, record_event
 
 log = logging.getLogger(__name__)
 

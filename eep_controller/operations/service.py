@@ -16,7 +16,6 @@ from pydantic import BaseModel
 from eep_controller.actuators.native import read_acks
 from eep_controller.errors import ActiveOperation, Conflict, Invalid, NotFound
 from eep_controller.operations.deployments import LockRecord
-from eep_controller.operations.events import add_event
 from eep_controller.operations.history import operation_ids
 from eep_controller.operations.planning import (
     PlanInputs,
@@ -39,6 +38,7 @@ from eep_controller.protocol import (
     ScaleRequest,
 )
 from eep_controller.store import EtcdStore, Versioned
+from eep_controller.store.audit import add_event
 
 
 class IdempotencyRecord(BaseModel):

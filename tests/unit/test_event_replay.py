@@ -4,8 +4,8 @@ resume point, and after a compaction made the watch list again."""
 from __future__ import annotations
 
 from eep_controller.api.routes.stream import _replayed
-from eep_controller.operations.events import make_event
 from eep_controller.store import Resync
+from eep_controller.store.audit import make_event
 
 
 def _listing(*revisions: int) -> tuple[Resync, list[int]]:

@@ -15,8 +15,10 @@ import numpy as np
 import psutil
 import pytest
 
+from eep_controller.probe import write_synthetic
 from eep_controller.protocol import (
     EncodedArray,
+    Event,
     ForwardRequest,
     LoadWindow,
     Operation,
@@ -358,9 +360,59 @@ async def test_an_agent_replaces_a_crashed_worker_and_ignores_operations_of_anot
             break
         await asyncio.sleep(0.2)
     assert healed is not None and healed["state"] == "serving" and healed["rank"] == 1, healed
+    # and says so in the deployment's audit trail: which rank, how its worker ended
+    events = [e.value for e in await driver.store.list(driver.keys.events("moe"), Event)]
+    restarted = [e for e in events if e.type == "worker.restarted"]
+    assert len(restarted) == 1, events
+    assert restarted[0].data == {"node_id": "a", "device_index": 1, "rank": 1, "generation": 1}
+    assert f"(pid {before[1]}) was killed (SIGKILL)" in restarted[0].message, restarted[0]
     result = await driver.probe(num_tokens=12, seed=8)
     assert result.ok, result
     assert await driver.acks(stale, OpState.PREPARING) == {}
     assert 2 not in {
         w["device_index"] for w in httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]
     }
+
+
+async def test_a_worker_that_cannot_restart_is_recorded_once_then_its_restart(
+    etcd: str, prefix: str, tmp_path: Path, agents: list[Proc]
+) -> None:
+    # a checkpoint of this test's own, so it can go missing
+    checkpoint = tmp_path / "ckpt"
+    write_synthetic(checkpoint, layers=2, experts=8, hidden=32, inter=64, seed=7, top_k=2)
+    driver = ContractDriver(etcd, prefix, spec_for("moe", checkpoint, slots=4, max_dp=8))
+    await driver.write_spec()
+    try:
+        proc = start_agent(etcd, prefix, "a", 2)
+        agents.append(proc)
+        assert (await driver.run_op(TWO, _placement(driver, 2))).state is OpState.SUCCEEDED
+
+        async def events(type_: str) -> list[Event]:
+            stored = await driver.store.list(driver.keys.events("moe"), Event)
+            return [e.value for e in stored if e.value.type == type_]
+
+        async def wait_for_event(type_: str) -> list[Event]:
+            deadline = time.monotonic() + 30
+            while not (got := await events(type_)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert got, f"no {type_} event"
+            return got
+
+        checkpoint.rename(tmp_path / "moved")
+        workers = httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]
+        psutil.Process(next(w["pid"] for w in workers if w["device_index"] == 1)).kill()
+        failed = await wait_for_event("worker.restart_failed")
+        assert failed[0].data["device_index"] == 1 and "ckpt" in failed[0].data["error"], failed
+        assert "was killed (SIGKILL)" in failed[0].message, failed
+        # the agent retries every 5 s; the same error is not recorded again
+        await asyncio.sleep(11)
+        tries = [line for line in proc.lines if "is not running; starting it" in line]
+        assert len(tries) >= 2, proc.output()
+        assert len(await events("worker.restart_failed")) == 1
+        assert not await events("worker.restarted")
+        (tmp_path / "moved").rename(checkpoint)
+        restarted = await wait_for_event("worker.restarted")
+        assert restarted[0].data["rank"] == 1, restarted
+        assert (await driver.probe(num_tokens=8, seed=3)).ok
+    finally:
+        await driver.close()
