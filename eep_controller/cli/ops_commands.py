@@ -217,24 +217,38 @@ def cancel(op_id: str, output: Output = OutputOpt) -> None:
 def layout(deployment: str, output: Output = OutputOpt) -> None:
     """The committed layout of a deployment."""
     data = request("GET", f"/v1/deployments/{deployment}/layout")
-    table = Table(
-        "RANK",
-        "NODE",
-        "DEVICE",
-        title=f"{deployment} generation {data['generation']} (dp {data['dp_size']}, ep {data['ep_size']})",
+    # the heading is a line of its own: as the table's title it wrapped to the narrow table
+    heading = Text(
+        f"{deployment} generation {data['generation']} (dp {data['dp_size']}, ep {data['ep_size']})",
+        style="bold",
     )
+    shown: RenderableType
+    if not data["ranks"]:
+        # nothing committed yet: say why rather than draw an empty table
+        note = (
+            request("GET", f"/v1/deployments/{deployment}").get("note")
+            if output is Output.TABLE
+            else None
+        )
+        shown = Text(
+            f"{deployment} has no rank yet (generation {data['generation']})"
+            + (f": {note}" if note else "")
+        )
+        emit(data, output, shown)
+        return
+    table = Table("RANK", "NODE", "DEVICE")
     for r in data["ranks"]:
         table.add_row(str(r["rank"]), r["node_id"], str(r["device_index"]))
-    shown: RenderableType = table
+    parts: list[RenderableType] = [heading, table]
     if data.get("placement"):
         # one line under the table (a caption would wrap to the table's narrow width)
         p, b = data["placement"], data["balancedness"]
-        shown = Group(
-            table,
+        parts.append(
             Text(
                 f"{p['num_layers']} layers x {p['num_experts']} experts in "
                 f"{p['physical_slots']} slots; replicas {p['replicas_min']}..{p['replicas_max']}; "
                 f"balancedness {b['value']:.4f} ({b['scored_on']})"
-            ),
+            )
         )
+    shown = Group(*parts)
     emit(data, output, shown)

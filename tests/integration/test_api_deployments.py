@@ -294,3 +294,28 @@ def test_eepctl_leader_shows_when_it_took_the_lead(controller: Proc) -> None:
     ).json()["since"]
     # a local date and time, not seconds since the epoch
     assert time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) in out.stdout, out.stdout
+
+
+def test_eepctl_layout_of_a_pending_deployment_says_it_has_no_rank(
+    api: httpx.Client, controller: Proc
+) -> None:
+    import subprocess
+
+    from tests.support.processes import BIN
+
+    assert api.post("/v1/deployments", json=valid_spec("early")).status_code == 201
+    try:
+        # no agent: the bring-up waits, and the reconciler notes why
+        wait_for(lambda: api.get("/v1/deployments/early").json().get("note"), 15, what="a note")
+        out = subprocess.run(
+            [str(BIN / "eepctl"), "--server", str(controller.url), "--token", READER,
+             "layout", "early"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("early has no rank yet (generation 0): bring-up waits"), (
+            out.stdout
+        )
+        assert "RANK" not in out.stdout  # no empty table
+    finally:
+        api.delete("/v1/deployments/early")

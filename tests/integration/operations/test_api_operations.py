@@ -325,6 +325,8 @@ def test_eepctl_scale_dry_run_and_layout(env: tuple[Proc, str, str]) -> None:
     assert json.loads(js.stdout)["plan"]["to_dp"] == 6
     lay = subprocess.run([*ctl, "layout", "ds"], capture_output=True, text=True, timeout=60)
     assert lay.returncode == 0 and "generation 1" in lay.stdout
+    # the heading is one whole line (as the narrow table's title it wrapped)
+    assert re.match(r"ds generation 1 \(dp \d+, ep \d+\)\n", lay.stdout), lay.stdout
     # the placement summary is one whole line under the table, not folded to its width
     summary = [line for line in lay.stdout.splitlines() if "layers x" in line]
     assert len(summary) == 1 and "balancedness" in summary[0], lay.stdout
