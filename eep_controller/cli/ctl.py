@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from eep_controller.cli.output import local_time, make_console
+from eep_controller.cli.output import byte_size, local_time, make_console
 
 app = typer.Typer(help="eepctl: talk to an eep controller.", no_args_is_help=True)
 get_app = typer.Typer(help="Show one resource.", no_args_is_help=True)
@@ -178,7 +178,11 @@ def get_node(node_id: str, output: Output = OutputOpt) -> None:
     table = Table("NODE", "ADDRESS", "DEVICE", "KIND", "MEMORY")
     for d in data["devices"]:
         table.add_row(
-            data["node_id"], data["address"], str(d["index"]), d["kind"], str(d["memory"])
+            data["node_id"],
+            data["address"],
+            str(d["index"]),
+            d["kind"],
+            byte_size(d["memory"]) if d["memory"] else "-",  # 0: not known (CPU devices)
         )
     emit(data, output, table)
 

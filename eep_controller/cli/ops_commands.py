@@ -29,19 +29,11 @@ from eep_controller.cli.ctl import (
     err_console,
     request,
 )
-from eep_controller.cli.output import balance_change, duration
+from eep_controller.cli.output import balance_change, byte_size, duration
 
 PHASES = ("PREPARING", "TRANSFERRING", "SWITCHING", "CLEANUP")
 # Exit code of `scale --wait` stopped by Ctrl-C (128 + SIGINT, as shells report it).
 INTERRUPTED = 130
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
 
 
 def _plan_table(plan: dict[str, Any]) -> Table:
@@ -51,10 +43,10 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table.add_row("ranks removed", str(len(plan.get("ranks_removed", []))))
     table.add_row("copies (lower bound)", f"{plan['copies']} ({plan['lower_bound']})")
     table.add_row("checkpoint reloads", str(plan["checkpoint_reloads"]))
-    table.add_row("bytes", _fmt_bytes(plan["bytes"]))
+    table.add_row("bytes", byte_size(plan["bytes"]))
     table.add_row(
         "max bytes in / out per rank",
-        f"{_fmt_bytes(plan['max_rank_bytes_in'])} / {_fmt_bytes(plan['max_rank_bytes_out'])}",
+        f"{byte_size(plan['max_rank_bytes_in'])} / {byte_size(plan['max_rank_bytes_out'])}",
     )
     table.add_row("balancedness", balance_change(plan, 4))
     table.add_row(
@@ -87,7 +79,7 @@ def watch_operation(op_id: str, *, poll_s: float = 0.3, timeout_s: float = 3600)
                 p = op.get("progress", {}).get(phase, {})
                 extra = ""
                 if phase == "TRANSFERRING" and p.get("bytes_received"):
-                    extra = _fmt_bytes(p["bytes_received"])
+                    extra = byte_size(p["bytes_received"])
                 if p.get("failed"):
                     extra += f" [red]{p['failed']} failed[/]"
                 if p.get("acked") or phase == op["state"]:
@@ -167,7 +159,7 @@ def _op_table(ops: list[dict[str, Any]]) -> Table:
             f"{plan.get('from_dp', '?')} -> {plan.get('to_dp', '?')}",
             f"{op['from_generation']} -> {op['to_generation']}",
             f"{plan.get('copies', '-')} ({plan.get('lower_bound', '-')})",
-            _fmt_bytes(op.get("bytes_moved") or plan.get("bytes", 0)),
+            byte_size(op.get("bytes_moved") or plan.get("bytes", 0)),
             balance_change(plan),
             escape((op.get("error") or "")[:60]),
         )

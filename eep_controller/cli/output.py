@@ -23,6 +23,15 @@ def local_time(epoch_s: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_s))
 
 
+def byte_size(n: float) -> str:
+    """Bytes in decimal units: "512 B", "3.7 MB", "1.1 TB"."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
 def duration(seconds: float) -> str:
     """A span of time in the unit that suits it: 4.0 ms, 2.35 s, 3 min 5 s."""
     if round(seconds * 1000, 1) < 1000:

@@ -76,6 +76,12 @@ def test_eepctl_lists_nodes_and_manages_deployments(
             [*ctl, "nodes", "-o", "json"], capture_output=True, text=True, timeout=60, check=True
         )
         assert json.loads(as_json.stdout)["items"][0]["node_id"] == "node-d"
+        one = subprocess.run(
+            [*ctl, "get", "node", "node-d"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        # CPU devices report no memory: shown as unknown, not as 0 bytes
+        rows = [line for line in one.splitlines() if "node-d" in line]
+        assert len(rows) == 2 and all(r.split("│")[-2].strip() == "-" for r in rows), one
 
         spec = tmp_path / "spec.yaml"
         spec.write_text(

@@ -1,10 +1,10 @@
-"""How eepctl shows a span of time."""
+"""How eepctl shows a span of time, a size, a change of balance."""
 
 from __future__ import annotations
 
 import pytest
 
-from eep_controller.cli.output import balance_change, duration
+from eep_controller.cli.output import balance_change, byte_size, duration
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,12 @@ def test_balance_change_has_no_before_for_a_bring_up() -> None:
     assert balance_change(
         {"from_dp": 0, "balancedness_before": 0.0, "balancedness_after": 1.0}, 4
     ) == ("- -> 1.0000")
+
+
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [(0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (3_700_000, "3.7 MB"), (44_040_192 * 9, "396.4 MB"),
+     (1.05e12, "1.1 TB"), (2e15, "2.0 PB")],
+)  # fmt: skip
+def test_byte_size_uses_decimal_units(n: float, shown: str) -> None:
+    assert byte_size(n) == shown
