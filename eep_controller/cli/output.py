@@ -43,8 +43,10 @@ def duration(seconds: float) -> str:
 
 
 def balance_change(plan: dict[str, Any], digits: int = 3) -> str:
-    """A plan's balancedness before -> after; before is "-" for a bring-up (nothing served)."""
+    """A plan's balancedness before -> after; before is "-" when no rank served: a bring-up,
+    or a recover after every rank was lost (its plan says 0.0, which no served layout has:
+    a layout without load balances 1.0)."""
     after = f"{plan.get('balancedness_after', 0):.{digits}f}"
-    if not plan.get("from_dp"):
+    if not plan.get("from_dp") or not plan.get("balancedness_before"):
         return f"- -> {after}"
     return f"{plan.get('balancedness_before', 0):.{digits}f} -> {after}"

@@ -35,6 +35,10 @@ def test_balance_change_has_no_before_for_a_bring_up() -> None:
     assert balance_change(
         {"from_dp": 0, "balancedness_before": 0.0, "balancedness_after": 1.0}, 4
     ) == ("- -> 1.0000")
+    # a recover after every rank was lost: nothing served before it either
+    assert balance_change(
+        {"from_dp": 2, "balancedness_before": 0.0, "balancedness_after": 1.0}
+    ) == ("- -> 1.000")
 
 
 @pytest.mark.parametrize(
