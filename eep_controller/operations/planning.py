@@ -199,7 +199,8 @@ def plan_operation(
         need = new_r - survivors
         if len(pool) < need:
             raise InsufficientDevices(
-                f"scaling to dp_size {request.dp_size} needs {need} free healthy devices; "
+                f"scaling to dp_size {request.dp_size} needs {need} free healthy "
+                f"device{'s' if need != 1 else ''}; "
                 f"{len(pool)} available, {need - len(pool)} missing",
                 needed=need,
                 available=len(pool),

@@ -240,6 +240,10 @@ def test_missing_devices_are_counted() -> None:
     with pytest.raises(InsufficientDevices) as err:
         plan_operation(inputs(layout(4), nodes(4, 1)), ScaleRequest(dp_size=7))
     assert err.value.extra == {"needed": 3, "available": 1, "missing": 2}
+    assert "needs 3 free healthy devices; 1 available, 2 missing" in err.value.detail
+    with pytest.raises(InsufficientDevices) as one:
+        plan_operation(inputs(layout(4), nodes(4, 0)), ScaleRequest(dp_size=5))
+    assert "needs 1 free healthy device; 0 available" in one.value.detail, one.value.detail
 
 
 @pytest.mark.parametrize(
