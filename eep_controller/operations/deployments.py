@@ -35,12 +35,14 @@ class DeploymentView(BaseModel):
     # node whose agent lease is gone (a recover operation follows); serving: otherwise
     status: str
     # why a pending or degraded deployment is not moving on, when its newest event says so
-    # (a bring-up or recover waiting for devices, or unable to start)
+    # (a bring-up or recover waiting for devices, unable to start, or aborted: it is retried
+    # with a growing pause, and the abort's reason, a checkpoint that cannot be read say, is
+    # what to fix)
     note: str | None = None
 
 
 # Events that say why a deployment waits (see `DeploymentView.note`).
-NOTE_EVENTS = ("deployment.waiting", "deployment.blocked")
+NOTE_EVENTS = ("deployment.waiting", "deployment.blocked", "operation.aborted")
 
 
 def _status(layout: Layout | None, lock: LockRecord | None, live: frozenset[str]) -> str:

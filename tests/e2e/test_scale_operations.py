@@ -310,3 +310,27 @@ def test_every_serving_node_lost_waits_for_devices_then_reloads_from_the_checkpo
     with cluster.api() as api:
         whole = api.get("/v1/deployments/moe").json()
     assert whole["status"] == "serving" and whole["note"] is None, whole
+
+
+def test_a_bring_up_that_keeps_aborting_says_why_in_the_deployments_note(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_controller()
+    cluster.start_agent("n1", devices=2)
+    spec = cluster.spec(initial_dp=2, max_dp=2)
+    spec["checkpoint"] = str(tmp_path / "no-such-checkpoint")
+    with cluster.api() as api:
+        assert api.post("/v1/deployments", json=spec).status_code == 201
+
+        def aborted() -> dict[str, Any] | None:
+            items = api.get("/v1/deployments/moe/operations").json()["items"]
+            return next((o for o in items if o["state"] == "ABORTED"), None)
+
+        wait_for(aborted, 60, what="an aborted bring-up")
+        # between tries it is pending, and the note carries the abort's reason, not nothing
+        # (during a retry it is "scaling", with no note)
+        view = wait_for(
+            lambda: (v := api.get("/v1/deployments/moe").json())["note"] and v, 60, what="a note"
+        )
+        assert view["status"] == "pending", view
+        assert "aborted" in view["note"] and "no checkpoint at" in view["note"], view
