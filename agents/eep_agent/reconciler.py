@@ -49,7 +49,9 @@ class NodeReconciler:
         self._started: set[tuple[str, str, int]] = set()
         self._aborted: set[str] = set()
         self._last_restart: dict[tuple[str, int], float] = {}
-        self._failed: dict[tuple[str, int], str] = {}  # the last restart error per device
+        # per device: the last restart error, and where and why its worker went down
+        self._failed: dict[tuple[str, int], str] = {}
+        self._down: dict[tuple[str, int], tuple[str, str]] = {}
 
     def _spawn(self, key: tuple[Any, ...], coro: Coroutine[Any, Any, None]) -> None:
         if key in self._tasks:
@@ -197,21 +199,25 @@ class NodeReconciler:
         self._spawn(("restart", deployment, index), self._restart_task(deployment, index))
 
     async def _restart_task(self, deployment: str, index: int) -> None:
+        key = (deployment, index)
         handle = self.pool.get(deployment, index)
-        where = f"device {index} of {self.node_id}"
         if handle is not None and not handle.alive:
-            cause = f"its worker (pid {handle.pid}) {exit_text(handle.exitcode)}"
+            # kept until a restart succeeds, so retries and their events name the first cause
+            where = f"device {index} of {self.node_id}"
             if handle.record.rank is not None:
                 where = f"rank {handle.record.rank} ({where})"
+            self._down[key] = (where, f"its worker (pid {handle.pid}) {exit_text(handle.exitcode)}")
             await self.pool.stop(deployment, index, handle)
-        else:
-            cause = "it had no worker running (the agent started without one)"
+        where, cause = self._down.get(
+            key,
+            (f"device {index} of {self.node_id}", "the agent started without its worker"),
+        )
         try:
             loaded = await self.driver.load_committed(deployment, index)
         except Exception as exc:
             # retried every RESTART_BACKOFF_S: recorded once per distinct error, not per try
-            if self._failed.get((deployment, index)) != str(exc):
-                self._failed[(deployment, index)] = str(exc)
+            if self._failed.get(key) != str(exc):
+                self._failed[key] = str(exc)
                 await self._record(
                     deployment,
                     "worker.restart_failed",
@@ -219,7 +225,8 @@ class NodeReconciler:
                     {"node_id": self.node_id, "device_index": index, "error": str(exc)},
                 )
             raise
-        self._failed.pop((deployment, index), None)
+        self._failed.pop(key, None)
+        self._down.pop(key, None)
         if loaded is None:
             return
         rank, generation = loaded

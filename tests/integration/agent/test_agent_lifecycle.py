@@ -413,6 +413,8 @@ async def test_a_worker_that_cannot_restart_is_recorded_once_then_its_restart(
         (tmp_path / "moved").rename(checkpoint)
         restarted = await wait_for_event("worker.restarted")
         assert restarted[0].data["rank"] == 1, restarted
+        # after failed tries it still names what took the first worker down
+        assert "was killed (SIGKILL)" in restarted[0].message, restarted
         assert (await driver.probe(num_tokens=8, seed=3)).ok
     finally:
         await driver.close()
