@@ -57,8 +57,11 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     return table
 
 
-def watch_operation(op_id: str, *, poll_s: float = 0.3, timeout_s: float = 3600) -> dict[str, Any]:
-    """Show a progress bar per phase (participants acked / total, bytes) until the op ends."""
+def watch_operation(
+    op_id: str, *, poll_s: float = 0.3, timeout_s: float = 3600, to_stderr: bool = False
+) -> dict[str, Any]:
+    """Show a progress bar per phase (participants acked / total, bytes) until the op ends;
+    on stderr with `to_stderr`, so stdout keeps only what the caller prints (JSON, say)."""
     deadline = time.monotonic() + timeout_s
     op: dict[str, Any] = request("GET", f"/v1/operations/{op_id}")
     with Progress(
@@ -67,7 +70,7 @@ def watch_operation(op_id: str, *, poll_s: float = 0.3, timeout_s: float = 3600)
         MofNCompleteColumn(),
         TextColumn("{task.fields[extra]}"),
         TimeElapsedColumn(),
-        console=console,
+        console=err_console if to_stderr else console,
         transient=False,
     ) as progress:
         tasks: dict[str, TaskID] = {}
@@ -134,7 +137,9 @@ def scale(
         emit(data, output, _op_table([data]))
         return
     try:
-        final = watch_operation(data["id"])
+        # with -o json the bars go to stderr: off a terminal rich prints them when they end,
+        # which put them in front of the JSON on stdout
+        final = watch_operation(data["id"], to_stderr=output is Output.JSON)
     except KeyboardInterrupt:
         # only the watching stops: the operation is the controller's and goes on
         err_console.print(

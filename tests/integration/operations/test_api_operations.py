@@ -421,3 +421,34 @@ def test_a_bad_load_window_from_an_agent_is_ignored_not_fatal(
         assert lay["balancedness"]["scored_on"] == "load window"
     finally:
         _set_load(etcd, prefix, None)
+
+
+def test_eepctl_scale_wait_with_json_prints_only_the_final_operation_on_stdout(
+    api: httpx.Client, env: tuple[Proc, str, str]
+) -> None:
+    import json
+    import subprocess
+
+    from tests.support.processes import BIN
+
+    cancel_active(api)
+    proc = subprocess.Popen(
+        [str(BIN / "eepctl"), "--server", str(env[0].url), "scale", "ds", "--dp", "5", "--wait",
+         "-o", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        active = wait_for(
+            lambda: api.get("/v1/deployments/ds").json()["active_operation"], 20, what="the op"
+        )
+        assert api.post(f"/v1/operations/{active}/cancel").status_code == 202
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cancel_active(api)
+    assert proc.returncode == 1, err
+    final = json.loads(out)  # the progress bars went to stderr
+    assert final["id"] == active and final["state"] == "ABORTED", final
+    assert "PREPARING" in err and f"operation {active} ABORTED" in err, err
