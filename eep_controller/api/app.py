@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from eep_controller import __version__
 from eep_controller.api.context import ControllerContext
 from eep_controller.api.limits import BodySizeLimit
+from eep_controller.api.openapi import problem_openapi
 from eep_controller.api.problems import Problem, install_problem_handlers, problem_response
 from eep_controller.api.query_params import known_query_params
 from eep_controller.api.routes import deployments, health, layouts, nodes, operations, stream
@@ -58,6 +59,7 @@ def create_app(
         dependencies=[Depends(known_query_params)],
     )
     app.state.ctx = ctx
+    app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     install_problem_handlers(app)
 
     @app.exception_handler(EepError)

@@ -319,3 +319,19 @@ def test_eepctl_layout_of_a_pending_deployment_says_it_has_no_rank(
         assert "RANK" not in out.stdout  # no empty table
     finally:
         api.delete("/v1/deployments/early")
+
+
+def test_openapi_documents_errors_as_problems(api: httpx.Client) -> None:
+    doc = api.get("/openapi.json").json()
+    problem = doc["components"]["schemas"]["Problem"]
+    assert set(problem["required"]) == {"type", "title", "status", "detail"}
+    assert "HTTPValidationError" not in str(doc)  # FastAPI's own error shape is not ours
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    scale = doc["paths"]["/v1/deployments/{name}/scale"]["post"]["responses"]
+    for code in ("400", "401", "403", "404", "409", "413", "422", "503"):
+        assert scale[code]["content"] == {"application/problem+json": ref}, (code, scale[code])
+    assert set(doc["paths"]["/v1/nodes"]["get"]["responses"]) == {"200", "401", "403", "422", "503"}
+    # and a real error has the documented shape and media type
+    bad = api.post("/v1/deployments/nope/scale", json={"dp_size": "2"})
+    assert bad.headers["content-type"] == "application/problem+json"
+    assert set(problem["required"]) <= set(bad.json()), bad.json()
