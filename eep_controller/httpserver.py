@@ -41,6 +41,9 @@ def make_server(app: Any, host: str, port: int) -> EmbeddedServer:
         host=host,
         port=port,
         log_level="warning",
+        # uvicorn's records go through the process's own handlers (text or JSON lines, see
+        # eep_controller.logs) rather than through handlers of uvicorn's own
+        log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,  # open streams (SSE) must not hold a shutdown forever

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import typer
 
 from eep_agent.devices import detect_devices, parse_devices
 from eep_agent.settings import AgentSettings, start_method
+from eep_controller.logs import LEVELS, format_option, level_option, setup_logging
 
 app = typer.Typer(
     help="eep agent: runs expert-parallel workers on this node.", no_args_is_help=True
@@ -46,8 +46,18 @@ def run(
     advertise_host: str | None = typer.Option(None, help="host others use to reach this agent"),
     state_dir: Path = typer.Option(Path(".eep-state/agent"), help="where workers keep local state"),
     label: list[str] = typer.Option([], help="node label key=value (repeatable)"),
-    log_level: str = typer.Option("INFO"),
-    worker_log_level: str = typer.Option("WARNING", help="log level of the worker processes"),
+    log_level: str = typer.Option(
+        "INFO", callback=level_option, help=f"one of {', '.join(LEVELS)}"
+    ),
+    worker_log_level: str = typer.Option(
+        "WARNING", callback=level_option, help="log level of the worker processes"
+    ),
+    log_format: str = typer.Option(
+        "text",
+        envvar="EEP_LOG_FORMAT",
+        callback=format_option,
+        help="text, or json: one JSON object per line, the workers' lines too",
+    ),
     worker_start: str = typer.Option(
         "forkserver",
         envvar="EEP_AGENT_WORKER_START",
@@ -67,9 +77,7 @@ def run(
     """Register this node and run its workers until SIGTERM."""
     from eep_agent.daemon import AgentDaemon
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level, log_format)
     try:
         devs = parse_devices(devices) if devices else detect_devices()
     except ValueError as exc:
@@ -94,7 +102,8 @@ def run(
         state_dir=state_dir,
         labels=_labels(label),
         load_interval_s=load_interval,
-        worker_log_level=worker_log_level.upper(),
+        worker_log_level=worker_log_level,
+        log_format=log_format,
         worker_start=method,
         shutdown_timeout_s=shutdown_timeout,
     )

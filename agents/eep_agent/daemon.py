@@ -59,7 +59,9 @@ class AgentDaemon:
         self.registration: NodeRegistration | None = None
         self.stopping = asyncio.Event()
         self._server: EmbeddedServer | None = None
-        self.pool = WorkerPool(settings.worker_log_level, settings.worker_start)
+        self.pool = WorkerPool(
+            settings.worker_log_level, settings.worker_start, settings.log_format
+        )
         self.view = DeploymentView(self.store.keys)
         self.driver = OpDriver(
             NodeContext(settings.node_id, settings.devices, settings.host, settings.public_host),

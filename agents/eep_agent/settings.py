@@ -37,6 +37,8 @@ class AgentSettings:
     load_interval_s: float = 2.0
     load_window_s: float = 60.0
     worker_log_level: str = "WARNING"
+    # "text" or "json" (one object per line), for the agent and its workers alike
+    log_format: str = "text"
     # how worker processes start: "forkserver" (fast) or "spawn" (see eep_agent.worker_pool)
     worker_start: StartMethod = "forkserver"
     # a shutdown that has not ended by then kills the workers by pid and exits with code 3

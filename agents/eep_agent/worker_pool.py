@@ -101,6 +101,7 @@ class WorkerHandle:
         identity: WorkerIdentity,
         log_level: str = "WARNING",
         method: StartMethod = "forkserver",
+        log_format: str = "text",
     ) -> None:
         from eep_agent.runtime.worker import worker_main
 
@@ -110,7 +111,7 @@ class WorkerHandle:
         self._conn: Connection = parent
         self.process: BaseProcess = ctx.Process(
             target=worker_main,
-            args=(child, identity, log_level),
+            args=(child, identity, log_level, log_format),
             name=f"eep-worker-{identity.deployment}-{identity.device_index}",
             daemon=True,
         )
@@ -255,9 +256,15 @@ class WorkerHandle:
 class WorkerPool:
     """Every worker of this agent, keyed by (deployment, device index)."""
 
-    def __init__(self, log_level: str = "WARNING", method: StartMethod = "forkserver") -> None:
+    def __init__(
+        self,
+        log_level: str = "WARNING",
+        method: StartMethod = "forkserver",
+        log_format: str = "text",
+    ) -> None:
         self.log_level = log_level
         self.method = method
+        self.log_format = log_format
         self._workers: dict[tuple[str, int], WorkerHandle] = {}
 
     def warm_up(self) -> None:
@@ -282,7 +289,9 @@ class WorkerPool:
         if old is not None:
             await self.stop(identity.deployment, identity.device_index, old)
         started = time.monotonic()
-        handle = await asyncio.to_thread(WorkerHandle, identity, self.log_level, self.method)
+        handle = await asyncio.to_thread(
+            WorkerHandle, identity, self.log_level, self.method, self.log_format
+        )
         self._workers[key] = handle
         await handle.wait_ready(timeout_s)
         log.info(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from pathlib import Path
 from typing import NoReturn
 
@@ -13,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from eep_controller.config import Settings, load_settings
+from eep_controller.logs import LEVELS, format_option, level_option, setup_logging
 
 app = typer.Typer(
     help="eep controller: the control plane for elastic expert parallelism.", no_args_is_help=True
@@ -65,6 +65,16 @@ def _exit_with(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+LogLevelOpt = typer.Option(
+    "INFO", "--log-level", callback=level_option, help=f"one of {', '.join(LEVELS)}"
+)
+LogFormatOpt = typer.Option(
+    "text",
+    "--log-format",
+    envvar="EEP_LOG_FORMAT",
+    callback=format_option,
+    help="text, or json: one JSON object per line (time, level, logger, message, pid)",
+)
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file", envvar="EEP_CONFIG")
 EtcdOpt = typer.Option(None, "--etcd", help="etcd endpoints, comma separated; none = embedded etcd")
 HostOpt = typer.Option(None, "--host", help="bind address (default 127.0.0.1)")
@@ -83,15 +93,14 @@ def serve(
     port: int | None = PortOpt,
     data_dir: Path | None = DataDirOpt,
     insecure: bool = InsecureOpt,
-    log_level: str = typer.Option("INFO", "--log-level"),
+    log_level: str = LogLevelOpt,
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Run the controller (and the embedded etcd when no endpoints are configured)."""
     from eep_controller.cli.runtime import ControllerRuntime
     from eep_controller.store import DataDirInUse
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level, log_format)
     settings = _settings(config, etcd, host, port, data_dir, insecure)
 
     def ready(url: str) -> None:
@@ -134,14 +143,12 @@ def demo(
     state_dir: Path | None = typer.Option(
         None, "--state-dir", help="keep etcd data, logs and checkpoint here"
     ),
-    log_level: str = typer.Option("WARNING", "--log-level"),
+    log_level: str = typer.Option("WARNING", "--log-level", callback=level_option),
 ) -> None:
     """Run the scaling demo: embedded etcd, controller, local agents, probes, scale steps."""
     from eep_controller.cli.demo import DemoConfig, run_demo
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level)
     try:
         sizes = [int(x) for x in scale.split(",") if x.strip()]
     except ValueError:

@@ -250,3 +250,19 @@ def test_a_shutdown_held_past_its_bound_logs_the_stuck_tasks_and_stops_hard(
     assert "task http-server:" in out  # the server task, stuck closing the open stream
     assert "shutdown did not finish within 2.0s; stopping hard" in out
     wait_for(lambda: not pid_running(int(m.group(1))), 10, what="embedded etcd to exit")
+
+
+def test_json_logs_are_one_object_per_line(etcd: str, prefix: str) -> None:
+    import json
+
+    proc = start_controller(etcd, prefix, env={"EEP_LOG_FORMAT": "json"})
+    try:
+        # becoming leader is logged at INFO
+        wait_for(lambda: any('"logger"' in line for line in proc.lines), 20, what="a log line")
+    finally:
+        proc.stop()
+    logged = [line for line in proc.lines if "ready at" not in line and line.strip()]
+    entries = [json.loads(line) for line in logged]  # every line is one JSON object
+    assert len(entries) >= 2, proc.output()  # start-up and shutdown at least
+    assert all({"time", "level", "logger", "message", "pid"} <= set(e) for e in entries)
+    assert {e["pid"] for e in entries} == {proc.pid}

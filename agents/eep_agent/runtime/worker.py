@@ -65,6 +65,7 @@ from eep_agent.runtime.groups import (
 )
 from eep_agent.runtime.moves import MoveKind
 from eep_agent.runtime.transfer import CorruptionSpec, execute_moves
+from eep_controller.logs import setup_logging
 
 log = logging.getLogger("eep_agent.worker")
 
@@ -115,6 +116,8 @@ class Worker:
                     continue
                 request = self.conn.recv()
             except (EOFError, OSError):
+                # the agent stops a worker with Stop: a channel that closes means it is gone
+                log.warning("the agent's control channel closed; worker exits")
                 break
             if not isinstance(request, Request):
                 log.warning("ignoring a control message of type %s", type(request).__name__)
@@ -423,11 +426,16 @@ class Worker:
         )
 
 
-def worker_main(conn: Connection, identity: WorkerIdentity, log_level: str = "WARNING") -> None:
+def worker_main(
+    conn: Connection, identity: WorkerIdentity, log_level: str = "WARNING", log_format: str = "text"
+) -> None:
     """Entry point of the spawned process."""
-    logging.basicConfig(
-        level=log_level,
-        format=f"%(asctime)s %(levelname)s worker[{identity.deployment}/{identity.device_kind}:{identity.device_index}] %(message)s",
+    name = f"{identity.deployment}/{identity.device_kind}:{identity.device_index}"
+    setup_logging(
+        log_level,
+        log_format,
+        text_format=f"%(asctime)s %(levelname)s worker[{name}] %(message)s",
+        worker=name,
     )
     torch.set_num_threads(identity.torch_threads)
     Worker(identity, conn).serve()

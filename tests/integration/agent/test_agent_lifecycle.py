@@ -34,6 +34,7 @@ from tests.integration.agent.harness import (
     simple_plan,
     spec_for,
     start_agent,
+    worker_pids,
 )
 from tests.support.processes import BIN, Proc, pid_running, sigterm_held_past_bound
 
@@ -418,3 +419,28 @@ async def test_a_worker_that_cannot_restart_is_recorded_once_then_its_restart(
         assert (await driver.probe(num_tokens=8, seed=3)).ok
     finally:
         await driver.close()
+
+
+async def test_json_logs_of_the_agent_and_its_workers(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    import json
+
+    proc = start_agent(etcd, prefix, "a", 2, env={"EEP_LOG_FORMAT": "json"})
+    agents.append(proc)
+    assert (await small_driver.run_op(TWO, _placement(small_driver, 2))).state is OpState.SUCCEEDED
+    # the agent dies at once: each worker notices, logs it (in JSON too) and exits
+    workers = list(worker_pids(proc.url or "").values())
+    proc.popen.send_signal(signal.SIGKILL)
+    proc.popen.wait(10)
+    deadline = time.monotonic() + 30
+    while any(pid_running(p) for p in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert not any(pid_running(p) for p in workers)
+    entries = [
+        json.loads(line) for line in proc.lines if line.strip() and "ready at" not in line
+    ]  # every line is one JSON object
+    assert any(e["logger"].startswith("eep_agent") for e in entries), proc.output()
+    gone = [e for e in entries if e["message"].endswith("worker exits")]
+    assert {e["worker"] for e in gone} == {"moe/cpu:0", "moe/cpu:1"}, proc.output()
+    assert {e["pid"] for e in gone} == set(workers)
