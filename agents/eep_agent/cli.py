@@ -11,6 +11,7 @@ import typer
 from eep_agent.devices import detect_devices, parse_devices
 from eep_agent.settings import AgentSettings, start_method
 from eep_controller.logs import LEVELS, format_option, level_option, setup_logging
+from eep_controller.version_option import version_option
 
 app = typer.Typer(
     help="eep agent: runs expert-parallel workers on this node.", no_args_is_help=True
@@ -18,7 +19,7 @@ app = typer.Typer(
 
 
 @app.callback()
-def _group() -> None:
+def _group(_version: bool = version_option("eep-agent")) -> None:
     """eep agent: runs expert-parallel workers on this node."""
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from eep_controller.cli.output import byte_size, local_time, make_console
+from eep_controller.version_option import version_option
 
 app = typer.Typer(help="eepctl: talk to an eep controller.", no_args_is_help=True)
 get_app = typer.Typer(help="Show one resource.", no_args_is_help=True)
@@ -49,6 +50,7 @@ def _global(
     ),
     token: str | None = typer.Option(None, "--token", envvar="EEP_TOKEN", help="bearer token"),
     timeout: float = typer.Option(30.0, "--timeout", help="seconds per request"),
+    _version: bool = version_option("eepctl"),
 ) -> None:
     """eepctl: talk to an eep controller."""
     opts.server = server.rstrip("/")

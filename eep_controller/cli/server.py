@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from eep_controller.config import Settings, load_settings
 from eep_controller.logs import LEVELS, format_option, level_option, setup_logging
+from eep_controller.version_option import version_option
 
 app = typer.Typer(
     help="eep controller: the control plane for elastic expert parallelism.", no_args_is_help=True
@@ -20,7 +21,7 @@ app = typer.Typer(
 
 
 @app.callback()
-def _group() -> None:
+def _group(_version: bool = version_option("eep-controller")) -> None:
     """eep controller: the control plane for elastic expert parallelism."""
 
 

@@ -230,6 +230,16 @@ def test_python_m_entry_points_exist() -> None:
         assert out.returncode == 0, out.stderr
 
 
+def test_every_program_tells_its_version() -> None:
+    from eep_controller import __version__
+
+    for program in ("eepctl", "eep-controller", "eep-agent"):
+        out = subprocess.run(
+            [str(BIN / program), "--version"], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0 and out.stdout == f"{program} {__version__}\n", out
+
+
 def test_a_shutdown_held_past_its_bound_logs_the_stuck_tasks_and_stops_hard(
     tmp_path: Path, prefix: str
 ) -> None:
