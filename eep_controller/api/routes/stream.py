@@ -12,7 +12,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from eep_controller.api.auth import reader
-from eep_controller.protocol import Event
+from eep_controller.errors import NotFound
+from eep_controller.protocol import NAME_PATTERN, DeploymentSpec, Event
 from eep_controller.store import PrefixWatch, Resync, WatchEvent
 from eep_controller.tasks import cancel_and_wait
 
@@ -34,7 +35,9 @@ HEARTBEAT_S = 15.0
 )
 async def stream(
     request: Request,
-    deployment: Annotated[str | None, Query(max_length=63)] = None,
+    deployment: Annotated[
+        str | None, Query(pattern=NAME_PATTERN, description="only this deployment's events")
+    ] = None,
     since: Annotated[
         int | None, Query(ge=0, description="replay stored events after this seq")
     ] = None,
@@ -42,6 +45,9 @@ async def stream(
     last_event_id_param: Annotated[int | None, Query(alias="lastEventId", ge=0)] = None,
 ) -> StreamingResponse:
     store = request.app.state.ctx.store
+    if deployment and await store.get(store.keys.spec(deployment), DeploymentSpec) is None:
+        # as GET /v1/deployments/{d}/events answers: a typo must not wait silently for ever
+        raise NotFound(f"no deployment named {deployment!r}", resource="deployment")
     prefix = store.keys.events(deployment) if deployment else store.keys.events_root()
     replay_after = next(
         (p for p in (since, last_event_id, last_event_id_param) if p is not None), None

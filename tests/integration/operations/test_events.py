@@ -134,6 +134,21 @@ def test_sse_stream_refuses_a_bad_resume_point(
     assert r.headers["content-type"].startswith("application/problem+json")
 
 
+def test_sse_stream_of_an_unknown_deployment_is_404_not_a_silent_wait(
+    env: tuple[Proc, str, str],
+) -> None:
+    for name, status in (("nope", 404), ("Not_A_Name", 422)):
+        r = httpx.get(f"{env[0].url}/v1/events", params={"deployment": name}, timeout=10)
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+    assert (
+        "no deployment named 'nope'"
+        in httpx.get(f"{env[0].url}/v1/events", params={"deployment": "nope"}, timeout=10).json()[
+            "detail"
+        ]
+    )
+
+
 def test_eepctl_events_lists_the_newest_oldest_first(
     api: httpx.Client, env: tuple[Proc, str, str]
 ) -> None:
