@@ -447,6 +447,22 @@ class Event(StrictModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class GrouplessRank(StrictModel):
+    """A rank whose worker its agent restarted from the checkpoint at `generation`
+    (``deployments/{d}/groupless/{generation}/{rank}``). The new worker serves its slots but
+    holds no active process group, so until an operation gives every rank a new one, copies
+    cannot travel over the active world: a scale-down then carries them over the standby
+    world, and the experts only leaving ranks hold are reloaded from the checkpoint. The
+    commit of the next generation deletes these records."""
+
+    deployment: Name
+    generation: Annotated[int, Field(ge=1)]
+    rank: Annotated[int, Field(ge=0)]
+    node_id: NodeId
+    device_index: Annotated[int, Field(ge=0)]
+    since: float
+
+
 class LoadWindow(StrictModel):
     """Tokens per logical expert seen over a window (``deployments/{d}/load``)."""
 

@@ -22,10 +22,12 @@ from eep_agent.runtime.commands import (
     Cleanup,
     HostRendezvous,
     Load,
+    Stats,
     Switch,
     Transfer,
     TransferResult,
     WorkerIdentity,
+    WorkerStats,
 )
 from eep_agent.runtime.expert_store import ExpertShape
 from eep_agent.runtime.groups import GroupAddress, backend_for
@@ -39,6 +41,7 @@ from eep_controller.protocol import (
     DeploymentSpec,
     Device,
     GroupEndpoint,
+    GrouplessRank,
     Operation,
     OpState,
     Participant,
@@ -362,6 +365,39 @@ class OpDriver:
             if handle.alive:
                 with contextlib.suppress(WorkerError):
                     await handle.call(Abort(op.id), self._abort_wait(op))
+                await self._report_lost_group(op.deployment, p.device_index, handle)
+
+    async def _report_lost_group(self, deployment: str, index: int, handle: WorkerHandle) -> None:
+        """After an abort: a serving worker whose active group a failed transfer destroyed
+        (every rank of a failed active-world transfer drops it) is marked groupless."""
+        record = handle.record
+        if record.rank is None or record.generation != self.view.committed_generation(deployment):
+            return
+        try:
+            stats: WorkerStats = await handle.call(Stats(), QUICK_COMMAND_S)
+        except WorkerError:
+            return
+        if not stats.has_active_group:
+            await self.mark_groupless(deployment, record.generation, record.rank, index)
+
+    async def mark_groupless(
+        self, deployment: str, generation: int, rank: int, device_index: int
+    ) -> None:
+        """Tell the controller this rank has no active group (see `GrouplessRank`), so the
+        next scale-down does not count on the active world. If it cannot be written, such a
+        scale-down fails in TRANSFERRING (no active group) and is aborted: logged."""
+        record = GrouplessRank(
+            deployment=deployment, generation=generation, rank=rank,
+            node_id=self.node.node_id, device_index=device_index, since=time.time(),
+        )  # fmt: skip
+        try:
+            await self.store.put(
+                self.store.keys.groupless_rank(deployment, generation, rank), record
+            )
+        except Exception as exc:
+            log.warning(
+                "could not record that %s rank %d has no active group: %s", deployment, rank, exc
+            )
 
     def _abort_wait(self, op: Operation) -> float:
         # the worker may finish a blocked transfer first: that is bounded by the phase deadline

@@ -230,6 +230,7 @@ class NodeReconciler:
         if loaded is None:
             return
         rank, generation = loaded
+        await self.driver.mark_groupless(deployment, generation, rank, index)
         await self._record(
             deployment,
             "worker.restarted",

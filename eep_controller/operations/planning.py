@@ -45,6 +45,9 @@ class PlanInputs:
     used_elsewhere: frozenset[str]  # Rank.key of devices held by other deployments or ops
     load: np.ndarray | None  # float [L, E] or None for uniform
     link_bandwidth: float
+    # old ranks whose restarted worker holds no active group (see GrouplessRank): a
+    # scale-down cannot carry copies over the active world then
+    groupless: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -220,10 +223,11 @@ def plan_operation(
         if new_r >= survivors:
             to_remove = ()
         silent: tuple[int, ...] = tuple(failed)
-        if failed and new_r < survivors:
-            # with a rank lost, copies travel in the standby world, which holds only the new
-            # ranks: a live rank that leaves cannot send there, so it counts as failed for
-            # sourcing (its experts come from another holder or the checkpoint)
+        if (failed or inputs.groupless) and new_r < survivors:
+            # with a rank lost, or one without an active group, copies travel in the standby
+            # world, which holds only the new ranks: a live rank that leaves cannot send
+            # there, so it counts as failed for sourcing (its experts come from another
+            # holder or the checkpoint)
             if to_remove is None:
                 to_remove = choose_removed_ranks(current, load, survivors - new_r, failed)
             silent = tuple(sorted(set(failed) | set(to_remove)))
@@ -267,7 +271,8 @@ def plan_operation(
         for t in transfers
     ]
     table = np.asarray(rows, dtype=np.int64).reshape(-1, 7)
-    graceful_down = new_r < old_r and not failed
+    # copies between old ranks travel over the active world only when every old rank has it
+    graceful_down = new_r < old_r and not failed and not inputs.groupless
     bytes_per = spec.model.expert_bytes
     stats = rplan.stats
     lower = int(stats["lower_bound"])

@@ -286,6 +286,8 @@ class Reconciler:
                     keys.layout(name),
                     self._next_layout(spec, new, group.value if group else None),
                 )
+                # the new generation's group holds every rank: no rank is without one now
+                self.store.delete_op(txn, keys.groupless_all(name), prefix=True)
             elif isinstance(effect, ReleaseLock):
                 self.store.require_revision(txn, keys.lock(name), lock.mod_revision)
                 self.store.delete_op(txn, keys.lock(name))

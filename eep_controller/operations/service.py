@@ -29,6 +29,7 @@ from eep_controller.protocol import (
     Ack,
     AckStatus,
     DeploymentSpec,
+    GrouplessRank,
     Layout,
     LoadWindow,
     NodeInfo,
@@ -117,7 +118,25 @@ async def plan_inputs(
     shape = (spec.model.num_moe_layers, spec.model.num_experts)
     load = load_rec.value.usable(*shape) if load_rec is not None else None
     used = await devices_in_use(store, name)
-    return PlanInputs(spec, layout.value, nodes, used, load, link_bandwidth), layout
+    groupless = await groupless_ranks(store, name, layout.value)
+    inputs = PlanInputs(spec, layout.value, nodes, used, load, link_bandwidth, groupless)
+    return inputs, layout
+
+
+async def groupless_ranks(store: EtcdStore, name: str, layout: Layout) -> frozenset[int]:
+    """Ranks of the committed generation whose worker was restarted without an active group
+    (records of another generation, or of a device no longer at that rank, do not count)."""
+    if layout.generation < 1:
+        return frozenset()
+    found = set()
+    for got in await store.list(store.keys.groupless(name, layout.generation), GrouplessRank):
+        rec = got.value
+        if rec.rank < len(layout.ranks) and (
+            layout.ranks[rec.rank].node_id,
+            layout.ranks[rec.rank].device_index,
+        ) == (rec.node_id, rec.device_index):
+            found.add(rec.rank)
+    return frozenset(found)
 
 
 def op_view(

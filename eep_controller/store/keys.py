@@ -44,6 +44,16 @@ class KeySpace:
     def load(self, name: str) -> str:
         return self._k("deployments", name, "load")
 
+    def groupless_all(self, name: str) -> str:
+        return self._k("deployments", name, "groupless") + "/"
+
+    def groupless(self, name: str, generation: int) -> str:
+        """Ranks of `generation` whose restarted worker holds no active group."""
+        return self._k("deployments", name, "groupless", generation) + "/"
+
+    def groupless_rank(self, name: str, generation: int, rank: int) -> str:
+        return self._k("deployments", name, "groupless", generation, rank)
+
     def ops(self, name: str) -> str:
         return self._k("deployments", name, "ops") + "/"
 

@@ -17,12 +17,16 @@ exits 1.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from eep_controller.store import EmbeddedEtcd
 from tests.e2e.cluster import Cluster, commit_counts, make_cluster
@@ -32,6 +36,10 @@ NODES = ("a", "b", "c", "d")
 ACTIONS = ("scale", "cancel", "kill_mid", "kill_idle", "revive", "ctl_restart")
 SLOW_TRANSFERS = {"EEP_TEST_TRANSFER_ROUND_PAUSE_S": "0.15"}
 SLOW_OP_S = 20.0
+# After a step, the chance that a serving worker process is killed (an OOM, a crash): its
+# agent must restart it from the checkpoint and say so in the audit trail. Drawn from a
+# stream of its own, so a seed's steps are the same with and without these kills.
+WORKER_KILL_P = 0.35
 
 
 class Soak:
@@ -39,6 +47,8 @@ class Soak:
         self.c = cluster
         self.tmp = tmp
         self.rng = random.Random(seed)
+        self.worker_rng = random.Random(seed + 10**6)
+        self.worker_kills = 0
         self.procs: list[tuple[str, Proc]] = []
         self.slow: set[str] = set()
         self.actions: list[str] = []  # what each step did
@@ -72,7 +82,9 @@ class Soak:
             return False
         return {r.node_id for r in self.c.layout().ranks} <= self.live_nodes()
 
-    def check(self, tag: str) -> None:
+    def check(self, tag: str, rng: random.Random | None = None) -> None:
+        """Wait for the cluster to settle, then check every invariant (the probe's seed from
+        `rng`, the steps' own stream by default)."""
         time.sleep(3.5)  # a killed agent's lease expires and the leader notices
         wait_for(self.settled, 120, interval=0.5, what=f"the cluster to settle after {tag}")
         layout = self.c.layout()
@@ -101,7 +113,7 @@ class Soak:
                     phases,
                     op.get("error"),
                 )
-        probe = self.c.probe(num_tokens=16, seed=self.rng.randrange(10**6))
+        probe = self.c.probe(num_tokens=16, seed=(rng or self.rng).randrange(10**6))
         assert probe.ok and probe.generation == layout.generation, (tag, probe)
         nodes = sorted({r.node_id for r in layout.ranks})
         self.checks += 1
@@ -146,6 +158,31 @@ class Soak:
                 done = self.c.wait_op(op_id, 180)
                 self.say("  op", done["state"], done.get("error") or "")
         self.check(f"#{i} {action}")
+        if self.worker_rng.random() < WORKER_KILL_P:
+            self.kill_worker(i)
+
+    def kill_worker(self, i: int) -> None:
+        """Kill one serving worker; wait for its agent's `worker.restarted` event, then check."""
+        ranks = self.c.layout().ranks
+        rank = self.worker_rng.randrange(len(ranks))
+        node, device = ranks[rank].node_id, ranks[rank].device_index
+        address = {n["node_id"]: n["address"] for n in self.get("/v1/nodes")["items"]}[node]
+        with httpx.Client(base_url=address, timeout=10) as agent:
+            workers = agent.get("/v1/workers").json()["workers"]
+        pid = next(w["pid"] for w in workers if w["device_index"] == device and w["alive"])
+        seen = {e.seq for e in self.c.events() if e.type == "worker.restarted"}
+        self.say(f"#{i} kill_worker: rank {rank} (pid {pid} on {node} device {device})")
+        os.kill(pid, signal.SIGKILL)
+        self.worker_kills += 1
+        wait_for(
+            lambda: any(
+                e.type == "worker.restarted" and e.seq not in seen and e.data["rank"] == rank
+                for e in self.c.events()
+            ),
+            60,
+            what=f"rank {rank}'s worker restarted",
+        )
+        self.check(f"#{i} kill_worker", self.worker_rng)
 
 
 def run(seed: int, steps: int, tmp: Path) -> Soak:

@@ -334,3 +334,63 @@ def test_a_bring_up_that_keeps_aborting_says_why_in_the_deployments_note(
         )
         assert view["status"] == "pending", view
         assert "aborted" in view["note"] and "no checkpoint at" in view["note"], view
+
+
+def test_a_scale_down_after_a_worker_restart_goes_over_the_standby_world(
+    cluster: Cluster,
+) -> None:
+    import os
+    import signal as signals
+
+    from tests.conftest import dump_sync as dump
+
+    cluster.start_controller()
+    cluster.start_agent("a")
+    cluster.start_agent("b")
+    cluster.bring_up(initial_dp=4, max_dp=4)
+    layout = cluster.layout()
+    node, device = layout.ranks[1].node_id, layout.ranks[1].device_index
+    with httpx.Client(base_url=str(cluster.agents[node].url), timeout=10) as agent:
+        workers = agent.get("/v1/workers").json()["workers"]
+    os.kill(next(w["pid"] for w in workers if w["device_index"] == device), signals.SIGKILL)
+    wait_for(
+        lambda: any(e.type == "worker.restarted" for e in cluster.events()), 60, what="a restart"
+    )
+    # the agent tells the controller that rank 1 has no active group any more
+    groupless = f"{cluster.prefix}/deployments/moe/groupless/{layout.generation}/1"
+    wait_for(lambda: groupless in dump(cluster.etcd.endpoint, cluster.prefix), 10, what="record")
+    with cluster.api() as api:
+        r = api.post("/v1/deployments/moe/scale", json={"dp_size": 2})
+        assert r.status_code == 202, r.text
+        # over the active world the restarted worker could carry nothing: this used to abort
+        # in TRANSFERRING ("no active group")
+        assert r.json()["plan"]["transfer_world"] == "standby", r.json()["plan"]
+    done = cluster.wait_op(r.json()["id"], 120)
+    assert done["state"] == "SUCCEEDED", done
+    probe = cluster.probe(num_tokens=16, seed=5)
+    assert probe.ok and probe.generation == layout.generation + 1, probe
+    # the new generation's group holds every rank: the record went with the commit
+    assert not [k for k in dump(cluster.etcd.endpoint, cluster.prefix) if "/groupless/" in k]
+
+
+def test_a_scale_down_cancelled_mid_transfer_leaves_the_next_one_able_to_run(
+    cluster: Cluster,
+) -> None:
+    cluster.start_controller()
+    cluster.start_agent("a", env=SLOW_TRANSFERS)
+    cluster.start_agent("b", env=SLOW_TRANSFERS)
+    cluster.bring_up(initial_dp=4, max_dp=4)
+    op = cluster.scale(2)
+    assert op["plan"]["transfer_world"] == "active"
+    cluster.wait_op(op["id"], 60, states=("TRANSFERRING",))
+    with cluster.api() as api:
+        assert api.post(f"/v1/operations/{op['id']}/cancel").status_code == 202
+    done = cluster.wait_op(op["id"], 60)
+    assert done["state"] == "ABORTED", done
+    assert cluster.probe(num_tokens=16, seed=3).ok
+    # the cancelled transfer may have torn the active world down on some ranks; the next
+    # scale-down must not count on it (it used to fail: "no active group")
+    again = cluster.wait_op(cluster.scale(2)["id"], 120)
+    assert again["state"] == "SUCCEEDED", again
+    probe = cluster.probe(num_tokens=16, seed=4)
+    assert probe.ok and probe.generation == 2, probe

@@ -12,7 +12,7 @@ import pytest
 from eep_agent.runtime.transfer import CORRUPT_ENV, PAUSE_ENV
 
 from eep_controller.probe import write_synthetic
-from eep_controller.protocol import AckStatus, Operation, OpState
+from eep_controller.protocol import AckStatus, GrouplessRank, Operation, OpState
 from tests.integration.agent.harness import (
     ContractDriver,
     ranks,
@@ -162,3 +162,50 @@ async def test_a_peer_killed_mid_transfer_fails_the_others_within_the_deadline_a
     assert retry.state is OpState.SUCCEEDED, retry.acks
     result = await driver.probe(num_tokens=16, seed=12)
     assert result.ok and result.generation == before.generation + 1, result  # type: ignore[union-attr]
+
+
+async def test_ranks_left_without_their_active_group_by_a_failed_transfer_are_marked_groupless(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    slow = {PAUSE_ENV: "1.0"}  # each round starts 1 s late: the kill lands mid-transfer
+    agents += [
+        start_agent(etcd, prefix, "a", 2, env=slow),
+        start_agent(etcd, prefix, "b", 2, env=slow),
+    ]
+    m = driver.spec.model
+    up = await driver.run_op(FOUR, round_robin_placement(m.num_moe_layers, m.num_experts, 4, 4))
+    assert up.state is OpState.SUCCEEDED, up.acks
+    before = await driver.layout()
+    assert before is not None
+
+    async def kill_receiver(phase: OpState, op: Operation) -> None:
+        if phase is OpState.TRANSFERRING:
+            await asyncio.sleep(0.3)
+            os.kill(worker_pids(agents[0].url or "")[1], signal.SIGKILL)  # rank 1, on a/1
+
+    # a graceful scale-down 4 -> 2 over the active world (each new rank receives two
+    # experts); rank 1, a receiver, dies mid-transfer
+    outcome = await driver.run_op(
+        FOUR[:2],
+        round_robin_placement(m.num_moe_layers, m.num_experts, 2, 4, 2),
+        world="active",
+        during=kill_receiver,
+        deadline_s=20.0,
+    )
+    assert outcome.state is OpState.ABORTED
+    failed = outcome.failed(OpState.TRANSFERRING)
+    assert len(failed) >= 2, outcome.acks  # rank 1 and a peer that sent to it
+
+    async def marked() -> set[int]:
+        key = driver.keys.groupless(driver.d, before.generation)
+        return {g.value.rank for g in await driver.store.list(key, GrouplessRank)}
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not await marked() - {1}:
+        await asyncio.sleep(0.2)
+    # a live rank (not the restarted one) whose failed transfer tore the active world down
+    # says so (its agent asked the worker after the abort)
+    assert await marked() - {1}, await marked()
+    result = await driver.probe(num_tokens=16, seed=13)
+    assert result.ok and result.generation == before.generation, result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,6 +110,38 @@ def test_graceful_rescales_are_consistent(old: int, new: int, seed: int) -> None
     check_plan_consistency(pi, planned)
     assert planned.kind is (OpKind.SCALE_UP if new > old else OpKind.SCALE_DOWN)
     assert planned.plan.transfer_world == ("active" if new < old else "standby")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    old=st.integers(3, 8),
+    seed=st.integers(0, 1000),
+    groupless=st.lists(st.integers(0, 7), min_size=1, max_size=2, unique=True),
+    by_user=st.booleans(),
+)
+def test_a_scale_down_with_a_rank_lacking_its_active_group_goes_over_the_standby_world(
+    old: int, seed: int, groupless: list[int], by_user: bool
+) -> None:
+    # a restarted worker serves without the active group: the old world cannot carry copies,
+    # so leaving ranks do not send and what only they hold comes from the checkpoint
+    lay = layout(old, seed)
+    pi = replace(
+        inputs(lay, nodes(4, 4), seed + 1), groupless=frozenset(g % old for g in groupless)
+    )
+    new = old - 1 - seed % (old - 2)
+    leaving = sorted(range(old))[-(old - new) :] if by_user else None
+    planned = plan_operation(pi, ScaleRequest(dp_size=new, remove_ranks=leaving))
+    check_plan_consistency(pi, planned)  # every source is a rank of the new (standby) world
+    assert planned.kind is OpKind.SCALE_DOWN and planned.plan.transfer_world == "standby"
+    gone = {p.old_rank for p in planned.plan.participants if p.new_rank is None}
+    assert len(gone) == old - new and (leaving is None or gone == set(leaving))
+    sources = set(planned.plan.transfers.decode()[:, 2].tolist())
+    assert not sources & gone
+    # without such a rank the same scale-down goes over the active world
+    again = plan_operation(
+        replace(pi, groupless=frozenset()), ScaleRequest(dp_size=new, remove_ranks=leaving)
+    )
+    assert again.plan.transfer_world == "active"
 
 
 @settings(max_examples=80, deadline=None)
