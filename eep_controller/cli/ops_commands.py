@@ -43,6 +43,10 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table.add_row("ranks removed", str(len(plan.get("ranks_removed", []))))
     table.add_row("copies (lower bound)", f"{plan['copies']} ({plan['lower_bound']})")
     table.add_row("checkpoint reloads", str(plan["checkpoint_reloads"]))
+    world = str(plan.get("transfer_world", "-"))
+    if plan.get("transfer_note"):
+        world += f" ({plan['transfer_note']})"
+    table.add_row("transfer world", escape(world))
     table.add_row("bytes", byte_size(plan["bytes"]))
     table.add_row(
         "max bytes in / out per rank",

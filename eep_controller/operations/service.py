@@ -211,8 +211,18 @@ async def create_operation(
     planned: PlannedOperation = await asyncio.to_thread(
         plan_operation, inputs, request, failed=failed
     )
+    # why a scale-down does not go over the active world, when that is why
+    standby_why = (
+        f"over the standby world: rank(s) {sorted(inputs.groupless)} hold no active group"
+        if planned.kind is OpKind.SCALE_DOWN
+        and inputs.groupless
+        and planned.plan.transfer_world == "standby"
+        else None
+    )
     if request.dry_run:
         preview = plan_preview(planned.plan, layout.value)
+        if standby_why:
+            preview["transfer_note"] = standby_why
         return ScaleOutcome(
             200,
             {
@@ -255,7 +265,8 @@ async def create_operation(
     add_event(
         store, txn, name, "operation.created",
         f"{op.kind.value} {op.id}: dp {planned.plan.from_dp} -> {planned.plan.to_dp}"
-        + (f" ({request.reason})" if request.reason else ""),
+        + (f" ({request.reason})" if request.reason else "")
+        + (f"; {standby_why}" if standby_why else ""),
         op.id,
         {"copies": planned.plan.stats.copies, "lower_bound": planned.plan.stats.lower_bound, "requested_by": requested_by},
     )  # fmt: skip

@@ -360,6 +360,9 @@ def test_a_scale_down_after_a_worker_restart_goes_over_the_standby_world(
     groupless = f"{cluster.prefix}/deployments/moe/groupless/{layout.generation}/1"
     wait_for(lambda: groupless in dump(cluster.etcd.endpoint, cluster.prefix), 10, what="record")
     with cluster.api() as api:
+        preview = api.post("/v1/deployments/moe/scale", json={"dp_size": 2, "dry_run": True})
+        note = preview.json()["plan"].get("transfer_note", "")
+        assert "standby world: rank(s) [1] hold no active group" in note, preview.json()
         r = api.post("/v1/deployments/moe/scale", json={"dp_size": 2})
         assert r.status_code == 202, r.text
         # over the active world the restarted worker could carry nothing: this used to abort
@@ -367,6 +370,10 @@ def test_a_scale_down_after_a_worker_restart_goes_over_the_standby_world(
         assert r.json()["plan"]["transfer_world"] == "standby", r.json()["plan"]
     done = cluster.wait_op(r.json()["id"], 120)
     assert done["state"] == "SUCCEEDED", done
+    created = [
+        e for e in cluster.events() if e.type == "operation.created" and e.op_id == done["id"]
+    ]
+    assert "over the standby world" in created[0].message, created
     probe = cluster.probe(num_tokens=16, seed=5)
     assert probe.ok and probe.generation == layout.generation + 1, probe
     # the new generation's group holds every rank: the record went with the commit
