@@ -64,6 +64,9 @@ def build_app(daemon: AgentDaemon) -> FastAPI:
                     "served_requests": record.served,
                     "aborted_requests": record.aborted,
                     "inflight_requests": record.inflight,
+                    # as of the worker's last load report (every --load-interval); null
+                    # until one came: a restarted worker has none until the next operation
+                    "active_group": record.has_active_group,
                 }
             )
         return {"node_id": daemon.settings.node_id, "workers": out}

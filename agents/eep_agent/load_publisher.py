@@ -66,6 +66,7 @@ class LoadPublisher:
                 stats: WorkerStats = await handle.call(Stats(), 10.0)
             except Exception:
                 continue
+            handle.record.has_active_group = stats.has_active_group
             if stats.load is None:
                 continue
             d = handle.identity.deployment

@@ -73,6 +73,8 @@ class WorkerRecord:
     served: int = 0
     aborted: int = 0
     op_id: str | None = None
+    # whether it holds the active process group, as of its last load report (None: not yet)
+    has_active_group: bool | None = None
     pending_forwards: set[concurrent.futures.Future[Any]] = field(default_factory=set)
 
     async def drain(self, timeout_s: float) -> int:

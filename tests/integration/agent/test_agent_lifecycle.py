@@ -361,6 +361,16 @@ async def test_an_agent_replaces_a_crashed_worker_and_ignores_operations_of_anot
             break
         await asyncio.sleep(0.2)
     assert healed is not None and healed["state"] == "serving" and healed["rank"] == 1, healed
+
+    def groups() -> dict[int, bool | None]:
+        got = httpx.get(f"{proc.url}/v1/workers", timeout=10).json()["workers"]
+        return {w["device_index"]: w["active_group"] for w in got}
+
+    # the restarted worker serves without the active group, and the agent's view says so
+    deadline = time.monotonic() + 20
+    while groups() != {0: True, 1: False} and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert groups() == {0: True, 1: False}
     # and says so in the deployment's audit trail: which rank, how its worker ended
     events = [e.value for e in await driver.store.list(driver.keys.events("moe"), Event)]
     restarted = [e for e in events if e.type == "worker.restarted"]
