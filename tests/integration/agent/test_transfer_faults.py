@@ -12,7 +12,7 @@ import pytest
 from eep_agent.runtime.transfer import CORRUPT_ENV, PAUSE_ENV
 
 from eep_controller.probe import write_synthetic
-from eep_controller.protocol import AckStatus, GrouplessRank, Operation, OpState
+from eep_controller.protocol import AckStatus, GrouplessRank, Layout, Operation, OpState
 from tests.integration.agent.harness import (
     ContractDriver,
     ranks,
@@ -104,19 +104,31 @@ async def test_a_corrupted_tensor_is_detected_at_the_destination_and_fails_its_a
     assert result.ok and result.generation == before.generation, result  # type: ignore[union-attr]
 
 
-async def test_a_peer_killed_mid_transfer_fails_the_others_within_the_deadline_and_the_old_world_serves(
-    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
-) -> None:
-    driver = small_driver
-    slow = {PAUSE_ENV: "0.3"}  # each round starts 0.3 s late: the kill lands mid-transfer
+async def _four_ranks_with_slow_rounds(
+    driver: ContractDriver, etcd: str, prefix: str, agents: list[Proc], devices: int, pause: str
+) -> Layout:
+    """Agents a and b (`devices` each) whose transfer rounds start `pause` s late, serving
+    ranks a/0, a/1, b/0, b/1; returns the committed layout."""
+    slow = {PAUSE_ENV: pause}
     agents += [
-        start_agent(etcd, prefix, "a", 3, env=slow),
-        start_agent(etcd, prefix, "b", 3, env=slow),
+        start_agent(etcd, prefix, "a", devices, env=slow),
+        start_agent(etcd, prefix, "b", devices, env=slow),
     ]
     m = driver.spec.model
     up = await driver.run_op(FOUR, round_robin_placement(m.num_moe_layers, m.num_experts, 4, 4))
     assert up.state is OpState.SUCCEEDED, up.acks
-    before = await driver.layout()
+    layout = await driver.layout()
+    assert layout is not None
+    return layout
+
+
+async def test_a_peer_killed_mid_transfer_fails_the_others_within_the_deadline_and_the_old_world_serves(
+    etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
+) -> None:
+    driver = small_driver
+    m = driver.spec.model
+    # each round starts 0.3 s late: the kill lands mid-transfer
+    before = await _four_ranks_with_slow_rounds(driver, etcd, prefix, agents, 3, "0.3")
     deadline_s = 20.0
     killed: list[int] = []
 
@@ -154,30 +166,23 @@ async def test_a_peer_killed_mid_transfer_fails_the_others_within_the_deadline_a
     assert took < 3 * deadline_s
     assert await driver.layout() == before
     result = await driver.probe(num_tokens=16, seed=11)
-    assert result.ok and result.generation == before.generation, result  # type: ignore[union-attr]
+    assert result.ok and result.generation == before.generation, result
     # the agents cleaned up: the next attempt starts fresh workers and succeeds
     retry = await driver.run_op(
         SIX, round_robin_placement(m.num_moe_layers, m.num_experts, 6, 4, 1), deadline_s=deadline_s
     )
     assert retry.state is OpState.SUCCEEDED, retry.acks
     result = await driver.probe(num_tokens=16, seed=12)
-    assert result.ok and result.generation == before.generation + 1, result  # type: ignore[union-attr]
+    assert result.ok and result.generation == before.generation + 1, result
 
 
 async def test_ranks_left_without_their_active_group_by_a_failed_transfer_are_marked_groupless(
     etcd: str, prefix: str, small_driver: ContractDriver, agents: list[Proc]
 ) -> None:
     driver = small_driver
-    slow = {PAUSE_ENV: "1.0"}  # each round starts 1 s late: the kill lands mid-transfer
-    agents += [
-        start_agent(etcd, prefix, "a", 2, env=slow),
-        start_agent(etcd, prefix, "b", 2, env=slow),
-    ]
     m = driver.spec.model
-    up = await driver.run_op(FOUR, round_robin_placement(m.num_moe_layers, m.num_experts, 4, 4))
-    assert up.state is OpState.SUCCEEDED, up.acks
-    before = await driver.layout()
-    assert before is not None
+    # each round starts 1 s late: the kill lands mid-transfer
+    before = await _four_ranks_with_slow_rounds(driver, etcd, prefix, agents, 2, "1.0")
 
     async def kill_receiver(phase: OpState, op: Operation) -> None:
         if phase is OpState.TRANSFERRING:
