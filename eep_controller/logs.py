@@ -57,7 +57,7 @@ def setup_logging(
     level: str, fmt: str = "text", *, text_format: str = TEXT_FORMAT, **fields: str
 ) -> None:
     """Root logging at `level` to stderr, as text (`text_format`) or JSON (`fields` added to
-    every line). Replaces handlers set before, so it can be called once per process."""
+    every line). Replaces the handlers set before, so a second call does not double lines."""
     handler = logging.StreamHandler()
     if format_name(fmt) == "json":
         handler.setFormatter(JsonFormatter(**fields))
