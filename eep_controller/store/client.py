@@ -23,6 +23,20 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
+
+def closed_under_us() -> bool:
+    """In an `except asyncio.CancelledError`: True when nobody cancelled this task.
+
+    Every task shares one etcd client. When a call of one task fails and it rotates to the
+    next endpoint, closing the old client cancels the calls and watches in flight on it, and
+    each raises CancelledError in a task nobody cancelled. That is a transport failure of
+    the call, not a cancellation: taken as one, it ended an API request with a 500 "No
+    response returned." and could end a background loop.
+    """
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     etcd_errors.ConnectionFailedError,
     etcd_errors.ConnectionTimeoutError,
@@ -175,6 +189,11 @@ class EtcdStore:
             except UNAVAILABLE_ERRORS as exc:
                 last = exc
                 await self._rotate()
+                continue
+            except asyncio.CancelledError as exc:
+                if not closed_under_us():
+                    raise  # this task is being cancelled
+                last = exc
                 continue
             self.reachable = True
             return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -88,6 +89,42 @@ async def test_unreachable_etcd_raises_store_unavailable() -> None:
     await s.close()
 
 
+async def test_a_call_whose_shared_client_another_task_closed_is_unavailable_not_cancelled() -> (
+    None
+):
+    # an "etcd" that accepts connections and never answers: every call times out
+    import socket
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = silent.getsockname()[1]
+    s = EtcdStore(EtcdConnection([f"http://127.0.0.1:{port}"], timeout_s=2), KeySpace("/x"))
+    try:
+        first = asyncio.create_task(s.get("/x/a", NodeInfo))
+        await asyncio.sleep(1.0)
+        # in flight when the first call times out and its task closes the shared client:
+        # that cancels this call too, though nobody cancelled this task
+        second = asyncio.create_task(s.get("/x/b", NodeInfo))
+        for task in (first, second):
+            with pytest.raises(StoreUnavailable):
+                await task
+    finally:
+        await s.close()
+        silent.close()
+        for conn in held:
+            conn.close()
+
+
 async def _collect(watch: PrefixWatch, sink: list[WatchEvent | Resync]) -> None:
     async for ev in watch:
         sink.append(ev)
@@ -98,6 +135,36 @@ async def _until(pred, timeout: float = 15.0) -> None:  # type: ignore[no-untype
     while not pred():
         assert time.monotonic() - start < timeout
         await asyncio.sleep(0.05)
+
+
+async def test_watch_goes_on_when_another_task_closes_the_shared_client(
+    store: EtcdStore, prefix: str
+) -> None:
+    seen: list[WatchEvent | Resync] = []
+    watch = PrefixWatch(store, prefix + "/w/", retry_s=0.1)
+    consumer = asyncio.create_task(_collect(watch, seen))
+    try:
+        await _until(lambda: any(isinstance(e, Resync) for e in seen))
+        await store.put(prefix + "/w/a", node("a"))
+        await _until(lambda: any(isinstance(e, WatchEvent) for e in seen))
+        # what a task does after a failed call: the client the watch streams on is closed
+        await store._rotate()
+        for _ in range(50):  # the watch's own recovery may close the next client once more
+            try:
+                await store.put(prefix + "/w/b", node("b"))
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+        await _until(
+            lambda: (
+                any(isinstance(e, WatchEvent) and e.key.endswith("/b") for e in seen)
+                or consumer.done()
+            )
+        )
+        assert not consumer.done(), consumer  # the watch did not end as if cancelled
+    finally:
+        watch.close()
+        await asyncio.wait_for(consumer, 10)
 
 
 async def test_watch_survives_etcd_restart_without_losing_events(
