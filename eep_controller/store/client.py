@@ -28,10 +28,10 @@ def closed_under_us() -> bool:
     """In an `except asyncio.CancelledError`: True when nobody cancelled this task.
 
     Every task shares one etcd client. When a call of one task fails and it rotates to the
-    next endpoint, closing the old client cancels the calls and watches in flight on it, and
-    each raises CancelledError in a task nobody cancelled. That is a transport failure of
-    the call, not a cancellation: taken as one, it ended an API request with a 500 "No
-    response returned." and could end a background loop.
+    next endpoint, closing the old client cancels the calls in flight on it, and each raises
+    CancelledError in a task nobody cancelled. That is a transport failure of the call, not
+    a cancellation: taken as one, it ended an API request with a 500 "No response
+    returned." and could end a background loop.
     """
     task = asyncio.current_task()
     return task is not None and not task.cancelling()
